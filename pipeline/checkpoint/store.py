@@ -1,0 +1,98 @@
+"""Checkpoint directories with a commit marker, discovery of the newest complete one, and retention.
+
+Layout under ``root``::
+
+    step-00001000/            a complete checkpoint
+        state.ckpt            Lightning checkpoint (a folder under DeepSpeed)
+        config.yaml           the resolved recipe
+        COMPLETE              written last: its presence is the commit
+    .step-00001200.partial/   being written (or left by a crash): never picked up by resume
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+MARKER = "COMPLETE"
+STATE = "state.ckpt"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often to checkpoint, and which checkpoints to keep."""
+
+    dir: str = "checkpoints"
+    every_n_steps: int = 1000
+    keep_last: int = 3
+    keep_every_n_steps: int | None = None
+    """Also keep every checkpoint whose step is a multiple of this (for later evaluation)."""
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps < 1 or self.keep_last < 1:
+            raise ValueError("checkpoint.every_n_steps and checkpoint.keep_last must be >= 1")
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
+def partial_dir(root: Path, step: int) -> Path:
+    return root / f".step-{step:08d}.partial"
+
+
+def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete checkpoint under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and (d / MARKER).is_file() and (d / STATE).exists():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest_complete(root: str | Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def commit(tmp: Path, final: Path, step: int) -> Path:
+    """Write the marker last, then move the folder into its final name (atomic on one filesystem)."""
+    (tmp / MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def prune(root: str | Path, keep_last: int, keep_every: int | None) -> list[Path]:
+    """Delete complete checkpoints beyond the newest ``keep_last`` except multiples of ``keep_every``."""
+    found = complete_checkpoints(root)
+    removed = []
+    for step, d in found[:-keep_last] if keep_last else found:
+        if keep_every and step % keep_every == 0:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def resolve_resume(resume: str | None, root: str | Path) -> Path | None:
+    """``auto``: newest complete checkpoint under root (None if there is none); a path: that checkpoint."""
+    if resume in (None, "", "none", "never"):
+        return None
+    if resume == "auto":
+        return latest_complete(root)
+    path = Path(resume)
+    if path.name == STATE:
+        path = path.parent
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {MARKER} marker)")
+    return path

@@ -1,0 +1,45 @@
+"""LightningDataModule over a shard manifest; its state (the stream position) goes into checkpoints."""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+
+from .manifest import Manifest, load_manifest
+from .stream import ShardStream, StreamConfig, StreamLoader
+
+
+class ShardDataModule(L.LightningDataModule):
+    def __init__(self, cfg: StreamConfig, batch_size: int, seed: int):
+        super().__init__()
+        self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.manifest: Manifest = load_manifest(cfg.train)
+        self.loader: StreamLoader | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.loader is not None:
+            return
+        m = self.manifest
+        ds = ShardStream(m.shard_urls(), [s.num_samples for s in m.shards], self.cfg, self.batch_size, self.seed)
+        ds.rank, ds.world_size = self.trainer.global_rank, self.trainer.world_size
+        if ds.plan().batches_per_rank == 0:
+            raise ValueError(f"{m.location}: {m.num_samples} samples are fewer than one batch of "
+                             f"{self.batch_size} on each of {ds.world_size} ranks")
+        self.loader = StreamLoader(ds, self.cfg.num_workers, epoch_fn=lambda: self.trainer.current_epoch,
+                                   pin_memory=self.trainer.strategy.root_device.type == "cuda")
+        if self._pending_state is not None:
+            self.loader.load_state_dict(self._pending_state)
+
+    def train_dataloader(self) -> StreamLoader:
+        return self.loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stream": self.loader.state_dict()} if self.loader is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "stream" not in state:
+            return
+        self._pending_state = state["stream"]
+        if self.loader is not None:
+            self.loader.load_state_dict(state["stream"])

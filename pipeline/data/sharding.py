@@ -1,0 +1,81 @@
+"""Turn a source into WebDataset tar shards plus a manifest, in parallel; index shards made elsewhere."""
+from __future__ import annotations
+
+import posixpath
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable, Sequence
+
+import fsspec
+
+from .manifest import Manifest, ShardInfo
+from .tar_io import iter_raw_samples, sha256_of, write_shard
+
+_SOURCE: Any = None  # set in each worker process by _init_worker
+
+
+def _init_worker(source: Any) -> None:
+    global _SOURCE
+    _SOURCE = source
+
+
+def _write_one(args: tuple[str, Sequence[Any]]) -> tuple[ShardInfo, list[str]]:
+    url, items = args
+    skipped: list[str] = []
+
+    def samples():
+        for item in items:
+            sample = _SOURCE.load(item)
+            if sample is None:
+                skipped.append(str(getattr(item, "path", item)))
+            else:
+                yield sample
+
+    count, sha, nbytes = write_shard(url, samples())
+    return ShardInfo(url=posixpath.basename(url), num_samples=count, sha256=sha, bytes=nbytes), skipped
+
+
+def write_split(source: Any, items: Sequence[Any], out_url: str, split: str, shard_size: int = 10000,
+                workers: int = 1, log: Callable[[str], None] = print) -> Manifest:
+    """Shard ``items`` of ``source`` into ``out_url/<split>-NNNNNN.tar`` and write ``out_url/manifest.json``.
+
+    Each worker process writes whole shards; the manifest is written last, once every shard is in place.
+    """
+    if shard_size < 1:
+        raise ValueError("shard_size must be >= 1")
+    out_url = out_url.rstrip("/")
+    fs, path = fsspec.core.url_to_fs(out_url)
+    fs.makedirs(path, exist_ok=True)
+    chunks = [items[i: i + shard_size] for i in range(0, len(items), shard_size)]
+    jobs = [(f"{out_url}/{split}-{n:06d}.tar", chunk) for n, chunk in enumerate(chunks)]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(source,)) as pool:
+            results = list(pool.map(_write_one, jobs))
+    else:
+        _init_worker(source)
+        results = [_write_one(job) for job in jobs]
+    shards = [info for info, _ in results]
+    skipped = [s for _, sk in results for s in sk]
+    manifest = Manifest(split=split, shards=shards, classes=list(source.classes), image_ext=source.image_ext,
+                        skipped=skipped)
+    where = manifest.save(out_url)
+    log(f"{split}: {manifest.num_samples} samples in {len(shards)} shards -> {where}"
+        + (f" ({len(skipped)} unreadable images skipped)" if skipped else ""))
+    return manifest
+
+
+def index_shards(urls: Sequence[str], out_url: str, split: str, classes: Sequence[str] = (),
+                 log: Callable[[str], None] = print) -> Manifest:
+    """Write a manifest for existing WebDataset shards (made by any tool): counts samples, hashes files."""
+    shards, exts = [], set()
+    for url in urls:
+        n = 0
+        for sample in iter_raw_samples(url):
+            n += 1
+            exts.update(k for k in sample if k in ("jpg", "jpeg", "png", "webp"))
+        sha, nbytes = sha256_of(url)
+        shards.append(ShardInfo(url=url, num_samples=n, sha256=sha, bytes=nbytes))
+        log(f"{url}: {n} samples")
+    manifest = Manifest(split=split, shards=shards, classes=list(classes),
+                        image_ext=sorted(exts)[0] if exts else "jpg")
+    manifest.save(out_url)
+    return manifest

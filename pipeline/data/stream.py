@@ -1,0 +1,177 @@
+"""The streaming loader: WebDataset shards over fsspec -> split by rank -> split by worker -> windowed
+shuffle -> decode -> augment -> batch, with a position that a checkpoint can store and restore exactly.
+
+State is kept in the main process as (epoch, batches consumed by the training loop this epoch), not in the
+workers, so prefetched-but-unused batches never count. On resume each worker recomputes its plan
+(``plan.EpochPlan``) and skips what was consumed: shards before its position are not opened at all, and
+within the current shuffle window samples are re-read as bytes but not decoded.
+"""
+from __future__ import annotations
+
+import logging
+import posixpath
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .plan import EpochPlan, Segment, consumed_per_worker
+from .tar_io import iter_raw_samples
+from .transforms import MAETrainTransform, TransformConfig, decode_image
+
+log = logging.getLogger(__name__)
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
+
+
+@dataclass
+class StreamConfig:
+    """Where the training shards are and how they are streamed."""
+
+    train: str = ""
+    """Manifest of the training split: a ``manifest.json`` URL or the folder holding it (any fsspec URL)."""
+    val: str = ""
+    """Manifest of the held-out split (used by evaluation stages)."""
+    shuffle: bool = True
+    shuffle_buffer: int = 1000
+    """Samples are permuted within windows of this many consecutive samples of a worker's share."""
+    num_workers: int = 2
+    transform: TransformConfig = field(default_factory=TransformConfig)
+
+
+def _one_thread(_: int) -> None:
+    # Decoding parallelism comes from worker processes; torch's intra-op threads in each worker only contend.
+    torch.set_num_threads(1)
+
+
+class ShardStream(IterableDataset):
+    """Yields whole batches {"image" [b,3,H,W], "label" [b], "key" list[str], "skipped" int}."""
+
+    def __init__(self, urls: list[str], sizes: list[int], cfg: StreamConfig, batch_size: int, seed: int):
+        super().__init__()
+        self.urls, self.sizes, self.cfg = urls, sizes, cfg
+        self.batch_size, self.seed = batch_size, seed
+        self.transform = MAETrainTransform(cfg.transform)
+        # Set by StreamLoader before each pass.
+        self.epoch, self.rank, self.world_size, self.consumed = 0, 0, 1, 0
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        return EpochPlan(tuple(self.sizes), self.epoch if epoch is None else epoch, self.seed, self.world_size,
+                         self.batch_size, self.cfg.shuffle)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        k = info.num_workers if info else 1
+        # After a resume the next batch belongs to worker (consumed % k); DataLoader starts at physical
+        # worker 0, so physical worker j plays the role of worker (j + consumed) % k.
+        worker = ((info.id if info else 0) + self.consumed) % k
+        plan = self.plan()
+        segments = plan.worker_segments(self.rank, worker, k)
+        window = max(self.cfg.shuffle_buffer, 1)
+        order = plan.worker_order(self.rank, worker, k, window)
+        start = consumed_per_worker(self.consumed, k)[worker] * self.batch_size
+        raw = self._read(segments, skip=(start // window) * window)
+        batch: list[tuple[int, Any]] = []
+        for w0 in range((start // window) * window, len(order), window):
+            block = [next(raw) for _ in range(min(window, len(order) - w0))]
+            for i in range(max(w0, start), w0 + len(block)):  # i: emission index, order[i]: position
+                batch.append(self._decode(block[order[i] - w0], plan.epoch))
+                if len(batch) == self.batch_size:
+                    yield self._collate(batch)
+                    batch = []
+
+    def _read(self, segments: list[Segment], skip: int) -> Iterator[dict[str, Any] | None]:
+        """Raw samples of the segments in order, from position ``skip`` on; None marks an unreadable one."""
+        for seg in segments:
+            if skip >= len(seg):
+                skip -= len(seg)
+                continue
+            first, n = seg.start + skip, len(seg) - skip
+            skip = 0
+            url, got = self.urls[seg.shard], 0
+            try:
+                for i, sample in enumerate(iter_raw_samples(url)):
+                    if i < first:
+                        continue
+                    if got == n:
+                        break
+                    got += 1
+                    yield sample
+            except Exception as err:  # truncated or corrupt tar: count what is missing, keep going
+                log.warning("shard %s unreadable after %d samples of its segment: %s", url, got, err)
+            for _ in range(n - got):
+                yield None
+
+    def _decode(self, sample: dict[str, Any] | None, epoch: int) -> tuple[str, Any]:
+        if sample is None:
+            return "", None
+        shard = posixpath.basename(sample["__url__"]).rsplit(".tar", 1)[0]
+        key = f"{shard}/{sample['__key__']}"
+        try:
+            data = next(sample[k] for k in IMAGE_KEYS if k in sample)
+            img = decode_image(data)
+            label = int(sample["cls"]) if "cls" in sample else -1
+            x = self.transform(img, random.Random(f"{self.seed}/{epoch}/{key}"))
+        except Exception as err:
+            log.warning("skipping corrupt sample %s: %s", key, err)
+            return key, None
+        return key, (x, label)
+
+    def _collate(self, batch: list[tuple[str, Any]]) -> dict[str, Any]:
+        good = [(key, item) for key, item in batch if item is not None]
+        h, w = self.cfg.transform.image_size
+        images = torch.stack([x for _, (x, _) in good]) if good else torch.empty(0, 3, h, w)
+        return {"image": images, "label": torch.tensor([y for _, (_, y) in good], dtype=torch.long),
+                "key": [key for key, _ in good], "skipped": len(batch) - len(good)}
+
+
+class StreamLoader:
+    """Iterable over one epoch of batches for this rank; remembers how far the training loop got."""
+
+    def __init__(self, dataset: ShardStream, num_workers: int, epoch_fn: Callable[[], int],
+                 pin_memory: bool = False):
+        self.dataset, self.num_workers, self.epoch_fn, self.pin_memory = dataset, num_workers, epoch_fn, pin_memory
+        self.epoch, self.consumed, self.skipped = 0, 0, 0
+        self._resume: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        return self.dataset.plan().batches_per_rank
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self.epoch_fn()
+        start = 0
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            start = self._resume["consumed"]
+        self._resume = None
+        self.epoch, self.consumed = epoch, start
+        ds = self.dataset
+        ds.epoch, ds.consumed = epoch, start
+        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, worker_init_fn=_one_thread,
+                            pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None)
+        for batch in loader:
+            self.consumed += 1
+            self.skipped += batch["skipped"]
+            yield batch
+
+    def fingerprint(self) -> dict[str, Any]:
+        ds = self.dataset
+        return {"shards": list(ds.sizes), "seed": ds.seed, "world_size": ds.world_size,
+                "batch_size": ds.batch_size, "num_workers": self.num_workers, "shuffle": ds.cfg.shuffle,
+                "shuffle_buffer": ds.cfg.shuffle_buffer}
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, consumed = self.epoch, self.consumed
+        if consumed >= len(self):  # a finished epoch resumes at the start of the next one
+            epoch, consumed = epoch + 1, 0
+        return {"epoch": epoch, "consumed": consumed, "skipped": self.skipped, "plan": self.fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped = state.get("skipped", 0)
+        if state["plan"] != self.fingerprint():
+            changed = sorted(k for k, v in self.fingerprint().items() if state["plan"].get(k) != v)
+            log.warning("data stream changed since the checkpoint (%s): epoch %d restarts from its first batch, "
+                        "so samples already seen this epoch may repeat", ", ".join(changed), state["epoch"])
+            self._resume = {"epoch": state["epoch"], "consumed": 0}
+        else:
+            self._resume = {"epoch": state["epoch"], "consumed": state["consumed"]}

@@ -1,0 +1,82 @@
+"""Image transforms with an explicit random generator per sample.
+
+Each sample's augmentation is drawn from its own ``random.Random`` seeded by (seed, epoch, key), so the
+same sample gets the same crop in an uninterrupted and a resumed run, whichever worker decodes it.
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class TransformConfig:
+    """MAE pretraining augmentation: RandomResizedCrop + horizontal flip + normalisation."""
+
+    image_size: tuple[int, int] = (224, 224)
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+             rng: random.Random) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (left, top, w, h): area fraction in ``scale``, log-uniform aspect ``ratio``."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    # Fallback: the largest centred crop within the ratio range.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Bytes -> RGB PIL image (grey or palette images are converted); raises on corrupt data."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+class MAETrainTransform:
+    """PIL image -> normalised tensor [3, H, W] with a random resized crop and flip."""
+
+    def __init__(self, cfg: TransformConfig):
+        self.cfg = cfg
+        self.mean = torch.tensor(cfg.mean).view(3, 1, 1)
+        self.std = torch.tensor(cfg.std).view(3, 1, 1)
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        cfg = self.cfg
+        left, top, w, h = crop_box(img.width, img.height, cfg.crop_scale, cfg.crop_ratio, rng)
+        out_h, out_w = cfg.image_size
+        img = img.resize((out_w, out_h), Image.BICUBIC, box=(left, top, left + w, top + h))
+        if cfg.hflip and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return self.to_tensor(img)
+
+    def to_tensor(self, img: Image.Image) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W]
+        return (x.float().div_(255.0) - self.mean) / self.std

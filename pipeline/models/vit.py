@@ -1,0 +1,176 @@
+"""ViT encoder on timm layers: patch embedding, CLS token, pre-LN blocks, optional layer scale.
+
+The encoder can run on a subset of patches (``ids_keep``), which is what MAE's encoder needs; with
+``ids_keep=None`` it is a plain ViT. Its parameter names and shapes follow timm's VisionTransformer
+(``patch_embed.proj``, ``cls_token``, ``blocks.N.attn.qkv``, ``norm``), so timm state dicts map across.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from timm.layers import PatchEmbed
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block
+from torch import nn
+import torch.nn.functional as F
+
+from .pos_embed import PosEmbed, PosEmbedKind, apply_rope, grid_of
+
+# name -> (embed_dim, depth, num_heads), as in the ViT / DeiT papers.
+VIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+
+
+@dataclass
+class ViTConfig:
+    """The encoder's architecture."""
+
+    size: str = "base"
+    """One of tiny, small, base, large, huge; sets width, depth and heads unless given below."""
+    image_size: tuple[int, int] = (224, 224)
+    """Input height and width in pixels; each a multiple of ``patch_size``."""
+    patch_size: int = 16
+    in_chans: int = 3
+    pos_embed: PosEmbedKind = "sincos2d"
+    """learned (1D table incl. CLS), sincos2d (fixed, MAE), or rope2d (rotary, in attention)."""
+    layer_scale: float | None = None
+    """Initial value of LayerScale (DeiT III / CaiT); None disables it."""
+    drop_path: float = 0.0
+    """Stochastic depth rate of the last block, rising linearly from 0."""
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.size not in VIT_SIZES:
+            raise ValueError(f"size {self.size!r} is not one of {sorted(VIT_SIZES)}")
+        dim, depth, heads = VIT_SIZES[self.size]
+        self.embed_dim = self.embed_dim or dim
+        self.depth = self.depth or depth
+        self.num_heads = self.num_heads or heads
+        if isinstance(self.image_size, int):
+            self.image_size = (self.image_size, self.image_size)
+        self.image_size = tuple(self.image_size)
+        grid_of(self.image_size, self.patch_size)  # validates divisibility
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return grid_of(self.image_size, self.patch_size)
+
+
+class RopeAttention(Attention):
+    """timm's Attention (same parameters) with 2D rotary embedding applied to the patch tokens."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                rope: torch.Tensor | None = None, num_prefix_tokens: int = 1) -> torch.Tensor:
+        if rope is None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each [B, H, N, hd]
+        q, k = self.q_norm(q), self.k_norm(k)
+        p = num_prefix_tokens  # prefix tokens (CLS, ...) carry no position and are not rotated
+        q = torch.cat([q[:, :, :p], apply_rope(q[:, :, p:], rope)], dim=2)
+        k = torch.cat([k[:, :, :p], apply_rope(k[:, :, p:], rope)], dim=2)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+        return self.proj_drop(self.proj(x))
+
+
+def make_blocks(dim: int, depth: int, heads: int, mlp_ratio: float, qkv_bias: bool,
+                layer_scale: float | None = None, drop_path: float = 0.0, rope: bool = False) -> nn.ModuleList:
+    """A stack of timm pre-LN transformer blocks with a linear stochastic-depth ramp."""
+    rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+    return nn.ModuleList(
+        Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, init_values=layer_scale, drop_path=r,
+              attn_layer=RopeAttention if rope else Attention)
+        for r in rates
+    )
+
+
+def run_block(block: Block, x: torch.Tensor, rope: torch.Tensor | None, num_prefix_tokens: int) -> torch.Tensor:
+    """timm Block.forward, with the RoPE tables handed to the attention."""
+    if rope is None:
+        return block(x)
+    x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), rope=rope, num_prefix_tokens=num_prefix_tokens)))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def init_weights_mae(module: nn.Module) -> None:
+    """MAE initialisation: xavier-uniform Linear (and patch projection), zero bias, unit LayerNorm."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, PatchEmbed):
+            # Treat the conv as a Linear on flattened patches: xavier over [D, C*p*p].
+            w = m.proj.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+
+
+class ViTEncoder(nn.Module):
+    """Patch embed -> (+pos) -> [CLS | patches] -> pre-LN blocks -> LayerNorm. Tokens: [B, 1 + N, D]."""
+
+    num_prefix_tokens = 1
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        self.patch_embed = PatchEmbed(img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                                      embed_dim=D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = PosEmbed(cfg.pos_embed, D, cfg.grid, self.num_prefix_tokens, cfg.num_heads)
+        self.blocks = make_blocks(D, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.layer_scale,
+                                  cfg.drop_path, rope=cfg.pos_embed == "rope2d")
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        init_weights_mae(self)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    def embed_patches(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs [B, C, H, W] -> patch tokens with absolute position added [B, L, D]."""
+        return self.pos_embed.add_to_patches(self.patch_embed(imgs))
+
+    def forward_tokens(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, N, D] patch tokens (the kept ones, in ``ids_keep`` order) -> [B, 1 + N, D] features."""
+        B = x.shape[0]
+        cls = self.cls_token
+        prefix_pos = self.pos_embed.prefix()
+        if prefix_pos is not None:
+            cls = cls + prefix_pos
+        x = torch.cat([cls.expand(B, -1, -1), x], dim=1)
+        rope = self.pos_embed.rope(ids_keep, B, x.device)
+        for block in self.blocks:
+            x = run_block(block, x, rope, self.num_prefix_tokens)
+        return self.norm(x)
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs [B, C, H, W] -> features of all tokens [B, 1 + L, D]."""
+        return self.forward_tokens(self.embed_patches(imgs))
+
+    def meta(self) -> dict[str, Any]:
+        """What a loader needs to rebuild this encoder and place its positions."""
+        return {"arch": "vit", "size": self.cfg.size, "embed_dim": self.cfg.embed_dim, "depth": self.cfg.depth,
+                "num_heads": self.cfg.num_heads, "patch_size": self.cfg.patch_size,
+                "image_size": list(self.cfg.image_size), "in_chans": self.cfg.in_chans,
+                "pos_embed": self.pos_embed.meta(), "layer_scale": self.cfg.layer_scale}

@@ -1,0 +1,120 @@
+"""A recipe: everything one run needs, as typed sections. Loaded from YAML plus dotted overrides."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from .checkpoint import CheckpointConfig
+from .config import ConfigError, apply_overrides, build, to_dict
+from .data import StreamConfig
+from .distributed import ZeroConfig
+from .models import MAEConfig
+from .resources import find_recipe
+from .tasks import OptimConfig
+from .tracking import TrackingConfig
+
+
+@dataclass
+class TrainerConfig:
+    """Batch, length, hardware and strategy of a run."""
+
+    global_batch: int = 4096
+    """Samples per optimizer step over all devices; per-device batch and accumulation are derived."""
+    micro_batch: int | None = None
+    """Largest per-device batch that fits in memory; None means global_batch / world_size."""
+    max_epochs: int | None = 800
+    max_steps: int | None = None
+    """Stops after this many optimizer steps; overrides max_epochs for the length of the schedule."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: Literal["auto", "ddp", "deepspeed"] = "auto"
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
+    log_every_n_steps: int = 10
+    sample_trace: str | None = None
+    """Write one JSON line per batch (step, loss, sample keys) to this file."""
+
+    def __post_init__(self) -> None:
+        if self.max_epochs is None and self.max_steps is None:
+            raise ValueError("set trainer.max_epochs or trainer.max_steps")
+
+
+@dataclass
+class Recipe:
+    name: str
+    task: Literal["mae"] = "mae"
+    seed: int = 0
+    model: MAEConfig = field(default_factory=MAEConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: StreamConfig = field(default_factory=StreamConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        # One truth for the input size: the model's. The transform follows it.
+        if tuple(self.data.transform.image_size) != tuple(self.model.encoder.image_size):
+            raise ValueError(f"data.transform.image_size {list(self.data.transform.image_size)} differs from "
+                             f"model.encoder.image_size {list(self.model.encoder.image_size)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """``["--trainer.max_steps", "10", "--data.train=x"]`` -> {"trainer.max_steps": "10", "data.train": "x"}."""
+    out, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise ConfigError(f"override {arg!r}: expected --section.key VALUE")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{key} has no value")
+            value, i = args[i + 1], i + 2
+        out[key] = value
+    return out
+
+
+def load_recipe(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> Recipe:
+    """Read a recipe file (or a built-in recipe name such as ``mae/tiny_fmnist``) and apply overrides."""
+    path = find_recipe(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections")
+    raw.setdefault("name", path.stem)
+    apply_overrides(raw, dict(overrides or {}))
+    # The transform size follows the model unless the recipe sets it.
+    enc = (raw.get("model") or {}).get("encoder") or {}
+    if "image_size" in enc:
+        size = enc["image_size"]
+        size = [size, size] if isinstance(size, int) else size
+        transform = raw.setdefault("data", {}).setdefault("transform", {})
+        transform.setdefault("image_size", size)
+    try:
+        return build(Recipe, raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(recipe.to_yaml())

@@ -1,0 +1,1 @@
+"""Stage functions: the only place that knows the whole chain."""

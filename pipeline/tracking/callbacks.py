@@ -1,0 +1,52 @@
+"""Callbacks that send what training produces to MLflow (images) or to a trace file (sample keys)."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import MLFlowLogger
+from torchvision.utils import save_image
+
+
+class ReconstructionImages(L.Callback):
+    """Every N steps, log a grid of (input | masked | reconstruction) rows as an MLflow image artifact."""
+
+    def __init__(self, every_n_steps: int, mean: tuple[float, ...], std: tuple[float, ...], n: int = 8):
+        self.every, self.n = every_n_steps, n
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int):
+        step = trainer.global_step
+        if not self.every or step % self.every or not trainer.is_global_zero or batch["image"].shape[0] == 0:
+            return
+        logger = next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
+        if logger is None:
+            return
+        grid = pl_module.reconstruction_grid(batch["image"], batch.get("key"), self.n).float().cpu()
+        grid = (grid * self.std + self.mean).clamp(0, 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"reconstruction_step{step:08d}.png"
+            save_image(grid, path, nrow=3, padding=1)
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="reconstructions")
+
+
+class SampleTrace(L.Callback):
+    """Appends one JSON line per training batch: global step, loss and the sample keys it held.
+
+    Used to audit what each step saw (and by the resume tests to compare runs step by step)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int):
+        loss = outputs["loss"].item() if isinstance(outputs, dict) else float(outputs)
+        record = {"step": trainer.global_step, "rank": trainer.global_rank, "epoch": trainer.current_epoch,
+                  "loss": loss, "keys": list(batch.get("key", []))}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs everything vitpipe needs on a fresh Debian machine with Python 3.11:
+#   - Debian packages (the Fashion-MNIST IDX files the demo shards),
+#   - a virtual environment in .venv with torch/torchvision installed *first*, pinned by
+#     scripts/constraints.txt so no later install swaps the build,
+#   - vitpipe itself (editable) with the test extras.
+# Idempotent: a second run only checks what is already there.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${VITPIPE_VENV:-$root/.venv}"
+python="${PYTHON:-python3}"
+
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "install.sh: /usr/share/datasets/fashion-mnist is missing; run as root or 'sudo apt-get install dataset-fashion-mnist'" >&2
+    exit 1
+  fi
+fi
+
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+"${pip[@]}" install -c "$root/scripts/constraints.txt" torch torchvision
+"${pip[@]}" install -c "$root/scripts/constraints.txt" -e "$root[test]"
+echo "install.sh: vitpipe installed in $venv"

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny Fashion-MNIST shards and a tiny recipe built on the fly."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def fmnist_shards(tmp_path_factory) -> Path:
+    """2,000 training + 500 held-out Fashion-MNIST images in shards of 300 (uneven last shard on purpose)."""
+    if not Path(FMNIST).is_dir():
+        pytest.fail(f"{FMNIST} missing: scripts/install.sh installs the Debian package dataset-fashion-mnist")
+    from pipeline.data.sharding import write_split
+    from pipeline.data.sources import FashionMNISTSource
+
+    out = tmp_path_factory.mktemp("fmnist")
+    for split, n in (("train", 2000), ("val", 500)):
+        source = FashionMNISTSource(FMNIST, split, limit=n)
+        write_split(source, source.items(), str(out / split), split, shard_size=300, workers=2, log=lambda _: None)
+    return out
+
+
+def tiny_overrides(shards: Path, work: Path, **extra) -> dict[str, str]:
+    """Overrides that shrink the demo recipe to a model and run that take seconds on CPU."""
+    base = {
+        "model.encoder.size": "tiny", "model.encoder.depth": "2", "model.encoder.embed_dim": "64",
+        "model.encoder.num_heads": "4", "model.encoder.image_size": "[16, 16]", "model.encoder.patch_size": "4",
+        "model.decoder.depth": "1", "model.decoder.dim": "32", "model.decoder.num_heads": "4",
+        "data.train": str(shards / "train"), "data.val": str(shards / "val"),
+        "trainer.global_batch": "16", "trainer.max_steps": "8", "optim.warmup_steps": "2",
+        "checkpoint.dir": str(work / "ckpt"), "checkpoint.every_n_steps": "4",
+        "tracking.uri": f"sqlite:///{work / 'mlflow.db'}", "tracking.recon_every_n_steps": "4",
+    }
+    base.update({k: str(v) for k, v in extra.items()})
+    return base
+
+
+@pytest.fixture
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+PYTHON = sys.executable
