@@ -38,7 +38,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("pipeline").addHandler(handler)
+    logging.getLogger("pipeline").setLevel(logging.INFO)
     args, rest = _parser().parse_known_args(argv)
     try:
         if args.command == "shard":

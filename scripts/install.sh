@@ -22,6 +22,8 @@ fi
 
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
-"${pip[@]}" install -c "$root/scripts/constraints.txt" torch torchvision
-"${pip[@]}" install -c "$root/scripts/constraints.txt" -e "$root[test]"
+quiet() { grep -v "^WARNING: Location '.*' is ignored" >&2 || true; }  # noise from this machine's pip.conf
+# torch/torchvision first, so nothing later pulls another build; the constraints keep them pinned after.
+"${pip[@]}" install -c "$root/scripts/constraints.txt" torch torchvision 2> >(quiet)
+"${pip[@]}" install -c "$root/scripts/constraints.txt" -e "$root[test]" 2> >(quiet)
 echo "install.sh: vitpipe installed in $venv"

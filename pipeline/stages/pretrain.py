@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +26,8 @@ from ..tracking import make_logger, resolve_uri, ui_command
 from ..tracking.callbacks import ReconstructionImages, SampleTrace
 
 log = logging.getLogger(__name__)
+# Our loader plans rank and worker splits itself (data.plan), so Lightning's generic caution does not apply.
+warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
 RUN_ID_FILE = "mlflow_run.json"
 
 

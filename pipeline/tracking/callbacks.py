@@ -42,6 +42,10 @@ class SampleTrace(L.Callback):
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        if trainer.world_size > 1:  # one file per rank: ranks never interleave lines
+            self.path = self.path.with_name(f"{self.path.stem}.rank{trainer.global_rank}{self.path.suffix}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int):
