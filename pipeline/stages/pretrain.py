@@ -114,8 +114,8 @@ def pretrain(recipe: Recipe, resume: str | None = "auto",
                             checkpoint=latest_complete(ckpt_root), global_step=trainer.global_step,
                             last_loss=task.last_loss)
     if trainer.is_global_zero:
-        print(f"pretrain: {result.global_step} steps, last loss {result.last_loss:.4f}; "
-              f"checkpoint {result.checkpoint}")
+        loss = "n/a" if result.last_loss is None else f"{result.last_loss:.4f}"
+        print(f"pretrain: {result.global_step} steps, last loss {loss}; checkpoint {result.checkpoint}")
         print(f"MLflow run {result.run_id} in experiment '{result.experiment}' at {result.tracking_uri}")
         print(f"  browse it with: {ui_command(result.tracking_uri)}")
     return result

@@ -1,0 +1,32 @@
+"""The wheel carries recipes and job templates, and an installed vitpipe resolves them without the repo."""
+from __future__ import annotations
+
+import subprocess
+import zipfile
+
+from conftest import PYTHON, REPO
+
+
+def test_wheel_bundles_recipes_and_jobs(tmp_path):
+    build = subprocess.run([PYTHON, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                            str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = tmp_path.glob("vitpipe-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "pipeline/_bundled/recipes/mae/tiny_fmnist.yaml" in names
+    assert "pipeline/_bundled/recipes/mae/vit_huge14.yaml" in names
+    assert "pipeline/_bundled/jobs/slurm/pretrain.sbatch" in names
+    assert any(n.endswith("entry_points.txt") for n in names)
+
+    target = tmp_path / "site"
+    subprocess.run([PYTHON, "-m", "pip", "install", "--no-deps", "--no-compile", "--target", str(target),
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+    probe = ("import pipeline.resources as r; print(r.find_recipe('mae/vit_large16')); "
+             "print(r.bundled('jobs')); print(len(r.list_recipes()))")
+    out = subprocess.run([PYTHON, "-c", probe], env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    recipe, jobs, count = out.stdout.split()
+    assert recipe.startswith(str(target)) and recipe.endswith("_bundled/recipes/mae/vit_large16.yaml")
+    assert jobs.startswith(str(target))
+    assert int(count) == len(list((REPO / "recipes").rglob("*.yaml")))
