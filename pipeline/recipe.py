@@ -107,7 +107,7 @@ def load_recipe(name_or_path: str, overrides: Mapping[str, Any] | None = None) -
     enc = (raw.get("model") or {}).get("encoder") or {}
     if "image_size" in enc:
         size = enc["image_size"]
-        size = [size, size] if isinstance(size, int) else size
+        size = enc["image_size"] = [size, size] if isinstance(size, int) else size
         transform = raw.setdefault("data", {}).setdefault("transform", {})
         transform.setdefault("image_size", size)
     try:

@@ -1,6 +1,7 @@
 """Turn a source into WebDataset tar shards plus a manifest, in parallel; index shards made elsewhere."""
 from __future__ import annotations
 
+import os
 import posixpath
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Sequence
@@ -57,7 +58,7 @@ def write_split(source: Any, items: Sequence[Any], out_url: str, split: str, sha
     skipped = [s for _, sk in results for s in sk]
     manifest = Manifest(split=split, shards=shards, classes=list(source.classes), image_ext=source.image_ext,
                         skipped=skipped)
-    where = manifest.save(out_url)
+    where = manifest.location = manifest.save(out_url)
     log(f"{split}: {manifest.num_samples} samples in {len(shards)} shards -> {where}"
         + (f" ({len(skipped)} unreadable images skipped)" if skipped else ""))
     return manifest
@@ -67,6 +68,8 @@ def index_shards(urls: Sequence[str], out_url: str, split: str, classes: Sequenc
                  log: Callable[[str], None] = print) -> Manifest:
     """Write a manifest for existing WebDataset shards (made by any tool): counts samples, hashes files."""
     shards, exts = [], set()
+    # Local paths are stored absolute: relative ones would be read against the manifest's folder.
+    urls = [u if "://" in u else os.path.abspath(u) for u in urls]
     for url in urls:
         n = 0
         for sample in iter_raw_samples(url):
@@ -77,5 +80,5 @@ def index_shards(urls: Sequence[str], out_url: str, split: str, classes: Sequenc
         log(f"{url}: {n} samples")
     manifest = Manifest(split=split, shards=shards, classes=list(classes),
                         image_ext=sorted(exts)[0] if exts else "jpg")
-    manifest.save(out_url)
+    manifest.location = manifest.save(out_url)
     return manifest

@@ -50,14 +50,19 @@ class ImageFolderSource:
 
     def items(self) -> list[FolderItem]:
         index = {c: i for i, c in enumerate(self.classes)}
-        out = []
+        out, taken = [], set()
         for cls in sorted(d.name for d in self.root.iterdir() if d.is_dir()):
             if cls not in index:
                 raise ValueError(f"{self.root / cls}: class {cls!r} is not among the training classes")
             for p in sorted((self.root / cls).rglob("*")):
                 if p.suffix.lower() in IMAGE_EXTS and p.is_file():
-                    rel = p.relative_to(self.root).with_suffix("")
-                    out.append(FolderItem(str(p), index[cls], _safe_key(str(rel))))
+                    key = base = _safe_key(str(p.relative_to(self.root).with_suffix("")))
+                    n = 1
+                    while key in taken:  # a.jpg beside a.png, or x.1.png beside x_1.png
+                        n += 1
+                        key = f"{base}-{n}"
+                    taken.add(key)
+                    out.append(FolderItem(str(p), index[cls], key))
         if not out:
             raise ValueError(f"{self.root}: no images found")
         return out

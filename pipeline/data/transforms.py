@@ -70,6 +70,8 @@ class MAETrainTransform:
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
         cfg = self.cfg
+        if img.mode != "RGB":
+            img = img.convert("RGB")
         left, top, w, h = crop_box(img.width, img.height, cfg.crop_scale, cfg.crop_ratio, rng)
         out_h, out_w = cfg.image_size
         img = img.resize((out_w, out_h), Image.BICUBIC, box=(left, top, left + w, top + h))

@@ -34,7 +34,8 @@ def resample_grid(table: torch.Tensor, old: tuple[int, int], new: tuple[int, int
         return table
     dim = table.shape[-1]
     grid = table.reshape(1, old[0], old[1], dim).permute(0, 3, 1, 2).float()  # [1, D, h, w]
-    grid = F.interpolate(grid, size=new, mode="bicubic", align_corners=False, antialias=new[0] < old[0])
+    grid = F.interpolate(grid, size=new, mode="bicubic", align_corners=False,
+                         antialias=new[0] < old[0] or new[1] < old[1])
     return grid.permute(0, 2, 3, 1).reshape(new[0] * new[1], dim).to(table.dtype)
 
 

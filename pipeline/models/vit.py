@@ -57,8 +57,6 @@ class ViTConfig:
         self.embed_dim = self.embed_dim or dim
         self.depth = self.depth or depth
         self.num_heads = self.num_heads or heads
-        if isinstance(self.image_size, int):
-            self.image_size = (self.image_size, self.image_size)
         self.image_size = tuple(self.image_size)
         grid_of(self.image_size, self.patch_size)  # validates divisibility
         if self.embed_dim % self.num_heads:

@@ -1,0 +1,611 @@
+"""The data layer with real files: shards, manifests, the epoch plan, the streaming loader and transforms.
+
+Real tar files, real PIL decoding and real DataLoader worker processes; nothing is mocked. Everything is
+small enough to run in a few seconds on two CPU cores.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pipeline.data import ManifestError, ShardStream, StreamConfig, StreamLoader, TransformConfig, load_manifest
+from pipeline.data.manifest import FORMAT
+from pipeline.data.plan import EpochPlan, consumed_per_worker
+from pipeline.data.sharding import index_shards
+from pipeline.data.sources import FMNIST_CLASSES, FMNIST_DIR, FashionMNISTSource
+from pipeline.data.tar_io import iter_raw_samples, sha256_of
+from pipeline.data.transforms import MAETrainTransform, crop_box, decode_image
+from pipeline.stages.shard import shard_fashion_mnist, shard_image_folder
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def noise_image(rng: np.random.Generator, size=(20, 16), mode="RGB") -> Image.Image:
+    w, h = size
+    shape = (h, w, 3) if mode == "RGB" else (h, w)
+    return Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8), mode=mode)
+
+
+def encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def read_all(manifest) -> list[dict]:
+    return [s for url in manifest.shard_urls() for s in iter_raw_samples(url)]
+
+
+def stream_key(url: str, key: str) -> str:
+    """The key ShardStream gives a sample: '<shard file name without .tar>/<sample key>'."""
+    return f"{Path(url).name.rsplit('.tar', 1)[0]}/{key}"
+
+
+def make_stream(manifest, batch_size: int, *, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 64,
+                num_workers: int = 2, image_size=(16, 16)) -> ShardStream:
+    cfg = StreamConfig(shuffle=shuffle, shuffle_buffer=shuffle_buffer, num_workers=num_workers,
+                       transform=TransformConfig(image_size=image_size))
+    return ShardStream(manifest.shard_urls(), [s.num_samples for s in manifest.shards], cfg, batch_size, seed)
+
+
+def take(loader: StreamLoader, limit: int | None = None) -> list[dict]:
+    """Iterate ``loader`` (at most ``limit`` batches), closing the iterator so worker processes shut down."""
+    out = []
+    it = iter(loader)
+    try:
+        for batch in it:
+            out.append(batch)
+            if limit is not None and len(out) == limit:
+                break
+    finally:
+        it.close()
+    return out
+
+
+def keys_of(batches: list[dict]) -> list[list[str]]:
+    return [b["key"] for b in batches]
+
+
+# ------------------------------------------------------------------------------------ sharding round trip
+
+
+@pytest.fixture
+def image_tree(tmp_path):
+    """A small ImageNet-style tree with train/ and val/, PNG and JPEG files, and corrupt images.
+
+    Returns (root, expected) where expected[split][key] = (ext, original bytes, label), plus the
+    corrupt source paths per split.
+    """
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    classes = ["cat", "dog", "eel"]  # train classes; val lacks "dog" so indices must follow train's list
+    expected: dict[str, dict[str, tuple[str, bytes, int]]] = {"train": {}, "val": {}}
+    corrupt: dict[str, list[str]] = {"train": [], "val": []}
+    for split, per_class in (("train", 4), ("val", 2)):
+        for label, cls in enumerate(classes):
+            if split == "val" and cls == "dog":
+                continue
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                fmt, ext = ("PNG", "png") if i % 2 == 0 else ("JPEG", "jpg")
+                data = encode(noise_image(rng, size=(12 + i, 10 + 2 * i)), fmt)
+                (d / f"{cls}{i}.{ext}").write_bytes(data)
+                expected[split][f"{cls}/{cls}{i}"] = (ext, data, label)
+    # A dot in the stem: WebDataset would split the key there, so the sharder must not keep it.
+    data = encode(noise_image(rng, size=(9, 7)), "JPEG")
+    (root / "train" / "dog" / "img.v2.jpeg").write_bytes(data)
+    expected["train"]["dog/img_v2"] = ("jpg", data, 1)
+    # Unreadable images: garbage behind a .jpg name, and a JPEG cut in half.
+    bad = root / "train" / "cat" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg at all")
+    corrupt["train"].append(str(bad))
+    whole = encode(noise_image(rng, size=(64, 64)), "JPEG")
+    cut = root / "val" / "eel" / "cut.jpg"
+    cut.write_bytes(whole[: len(whole) // 2])
+    corrupt["val"].append(str(cut))
+    return root, expected, corrupt, classes
+
+
+def check_split(manifest, out_dir: Path, expected: dict, classes: list[str]) -> None:
+    loaded = load_manifest(str(out_dir))
+    assert loaded.to_json() == manifest.to_json()
+    assert loaded.classes == classes
+    assert loaded.num_samples == len(expected)
+    assert len(loaded.shards) > 1
+    got = {}
+    for info, url in zip(loaded.shards, loaded.shard_urls()):
+        assert Path(url).parent == out_dir
+        assert sha256_of(url) == (info.sha256, info.bytes) and info.bytes == Path(url).stat().st_size
+        samples = list(iter_raw_samples(url))
+        assert len(samples) == info.num_samples
+        for s in samples:
+            assert s["__key__"] not in got, f"duplicate key {s['__key__']}"
+            images = [k for k in s if k in ("jpg", "png")]
+            assert len(images) == 1
+            got[s["__key__"]] = (images[0], s[images[0]], int(s["cls"]))
+    assert got == expected  # exactly the original bytes, under the right key and class index
+
+
+def test_shard_image_folder_train_val_round_trip(image_tree, tmp_path):
+    root, expected, corrupt, classes = image_tree
+    out = tmp_path / "shards"
+    manifests = shard_image_folder(str(root), str(out), shard_size=3, workers=2, log=quiet)
+    assert sorted(manifests) == ["train", "val"]
+    for split in ("train", "val"):
+        m = manifests[split]
+        assert m.split == split
+        assert m.skipped == corrupt[split]  # the unreadable source is listed ...
+        check_split(m, out / split, expected[split], classes)  # ... and absent from the shards
+        assert all(1 <= s.num_samples <= 3 for s in m.shards)
+    raw = json.loads((out / "train" / "manifest.json").read_text())
+    assert raw["format"] == FORMAT and raw["num_samples"] == len(expected["train"])
+    assert raw["classes"] == classes and raw["skipped"] == corrupt["train"]
+    assert not list(out.rglob("*.partial"))
+
+
+def test_shard_flat_folder_with_holdout(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "flat"
+    originals = {}
+    for label, cls in enumerate(["ant", "bee"]):
+        (root / cls).mkdir(parents=True)
+        for i in range(10):
+            fmt, ext = ("PNG", "png") if i % 3 else ("JPEG", "jpg")
+            data = encode(noise_image(rng, size=(8, 8)), fmt)
+            name = f"x.{i}" if i == 4 else f"im{i}"  # one stem with a dot
+            (root / cls / f"{name}.{ext}").write_bytes(data)
+            originals[f"{cls}/{name.replace('.', '_')}"] = (ext, data, label)
+    bad = root / "bee" / "zz_corrupt.jpg"
+    bad.write_bytes(b"GIF89a-but-not-really")
+    n_items = len(originals) + 1
+
+    out = tmp_path / "out"
+    manifests = shard_image_folder(str(root), str(out), shard_size=4, workers=2, holdout=0.25, seed=3, log=quiet)
+    train, val = manifests["train"], manifests["val"]
+    assert train.classes == val.classes == ["ant", "bee"]
+    assert train.skipped + val.skipped == [str(bad)]
+    n_val = round(n_items * 0.25)
+    assert val.num_samples + len(val.skipped) == n_val
+    assert train.num_samples + len(train.skipped) == n_items - n_val
+
+    got = {}
+    for m in (train, val):
+        for s in read_all(load_manifest(str(out / m.split))):
+            ext = "png" if "png" in s else "jpg"
+            assert s["__key__"] not in got  # train and val are disjoint
+            got[s["__key__"]] = (ext, s[ext], int(s["cls"]))
+    assert got == originals
+
+    # The held-out split is deterministic for a seed.
+    again = shard_image_folder(str(root), str(tmp_path / "again"), shard_size=4, workers=1, holdout=0.25, seed=3,
+                               log=quiet)
+    assert ([s["__key__"] for s in read_all(load_manifest(str(tmp_path / "again" / "val")))]
+            == [s["__key__"] for s in read_all(load_manifest(str(out / "val")))])
+    # holdout 0 keeps everything for training
+    only = shard_image_folder(str(root), str(tmp_path / "only"), shard_size=50, workers=1, log=quiet)
+    assert sorted(only) == ["train"] and only["train"].num_samples == len(originals)
+
+
+def test_shard_folder_keys_collide(tmp_path):
+    rng = np.random.default_rng(2)
+    d = tmp_path / "imgs" / "cls"
+    d.mkdir(parents=True)
+    (d / "a.png").write_bytes(encode(noise_image(rng), "PNG"))
+    (d / "a.jpg").write_bytes(encode(noise_image(rng), "JPEG"))
+    (d / "b.png").write_bytes(encode(noise_image(rng), "PNG"))
+    try:
+        m = shard_image_folder(str(tmp_path / "imgs"), str(tmp_path / "out"), workers=1, log=quiet)["train"]
+    except ValueError:
+        return  # refusing colliding keys at sharding time would be fine too
+    samples = read_all(load_manifest(str(tmp_path / "out" / "train")))
+    assert len(samples) == m.num_samples == 3
+    assert len({s["__key__"] for s in samples}) == 3
+
+
+def test_returned_manifest_locates_its_shards(tmp_path):
+    m = shard_fashion_mnist(str(tmp_path / "fm"), shard_size=10, workers=1, limit=20, log=quiet)["train"]
+    assert all(Path(u).is_file() for u in m.shard_urls()), m.shard_urls()
+
+
+def test_shard_fashion_mnist_with_limit(tmp_path):
+    out = tmp_path / "fm"
+    manifests = shard_fashion_mnist(str(out), shard_size=20, workers=2, limit=50, log=quiet)
+    assert sorted(manifests) == ["train", "val"]
+    for split in ("train", "val"):
+        m = load_manifest(str(out / split))
+        assert m.digest() == manifests[split].digest()
+        assert m.split == split and m.num_samples == 50
+        assert [s.num_samples for s in m.shards] == [20, 20, 10]
+        assert m.classes == FMNIST_CLASSES and m.image_ext == "png" and m.skipped == []
+        source = FashionMNISTSource(FMNIST_DIR, split, limit=50)
+        samples = read_all(m)
+        assert [s["__key__"] for s in samples] == [f"fmnist-{split}-{i:06d}" for i in range(50)]
+        for i in (0, 21, 49):
+            img = Image.open(io.BytesIO(samples[i]["png"]))
+            assert img.size == (28, 28) and img.mode == "L"
+            assert np.array_equal(np.asarray(img), source.images[i])
+            assert int(samples[i]["cls"]) == int(source.labels[i])
+        for info, url in zip(m.shards, m.shard_urls()):
+            assert sha256_of(url) == (info.sha256, info.bytes)
+
+
+# ------------------------------------------------------------------------------------ index + manifests
+
+
+def write_foreign_shards(folder: Path, sizes: list[int], seed: int = 0) -> tuple[list[str], dict]:
+    """Shards written with webdataset.TarWriter directly, as another tool would."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    urls, content = [], {}
+    for n, size in enumerate(sizes):
+        url = str(folder / f"part-{n:03d}.tar")
+        with wds.TarWriter(url) as sink:
+            for i in range(size):
+                key = f"p{n}_{i:03d}"
+                data = encode(noise_image(rng, size=(10, 10)), "PNG")
+                sink.write({"__key__": key, "png": data, "cls": str(i % 2).encode()})
+                content[key] = data
+        urls.append(url)
+    return urls, content
+
+
+def test_index_foreign_shards_and_load_back(tmp_path):
+    folder = tmp_path / "foreign"
+    urls, content = write_foreign_shards(folder, [5, 3, 7])
+    m = index_shards(urls, str(folder), "train", classes=["even", "odd"], log=quiet)
+    assert m.num_samples == 15 and [s.num_samples for s in m.shards] == [5, 3, 7]
+    assert m.image_ext == "png" and m.classes == ["even", "odd"]
+    for info, url in zip(m.shards, urls):
+        assert sha256_of(url) == (info.sha256, info.bytes)
+    for where in (str(folder), str(folder / "manifest.json"), str(folder) + "/"):
+        loaded = load_manifest(where)
+        assert loaded.to_json() == m.to_json()
+        assert loaded.shard_urls() == urls
+    assert {s["__key__"]: s["png"] for s in read_all(load_manifest(str(folder)))} == content
+
+
+def test_index_relative_shard_paths(tmp_path, monkeypatch):
+    write_foreign_shards(tmp_path / "shards", [4, 2])
+    monkeypatch.chdir(tmp_path)
+    index_shards(["shards/part-000.tar", "shards/part-001.tar"], "shards", "train", log=quiet)
+    m = load_manifest("shards")
+    assert all(Path(u).is_file() for u in m.shard_urls()), m.shard_urls()
+    assert len(read_all(m)) == 6
+
+
+def test_load_manifest_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ManifestError, match=str(missing)):
+        load_manifest(str(missing))
+    assert isinstance(ManifestError("x"), ValueError)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text('{"format": "vitpipe.shards/1", "shards": [')
+    with pytest.raises(ManifestError, match="not valid JSON") as err:
+        load_manifest(str(bad))
+    assert str(bad / "manifest.json") in str(err.value)
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"format": "something/else", "split": "train", "shards": []}))
+    with pytest.raises(ManifestError, match=str(other)):
+        load_manifest(str(other))
+
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"format": FORMAT, "split": "train", "shards": []}))
+    with pytest.raises(ManifestError, match="no shards"):
+        load_manifest(str(empty))
+
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"format": FORMAT, "shards": [{"url": "a.tar", "num_samples": 1}]}))
+    with pytest.raises(ManifestError, match=str(broken)):
+        load_manifest(str(broken))
+
+
+# -------------------------------------------------------------------------------------------- epoch plan
+
+
+SIZES = (300, 300, 300, 300, 300, 300, 200)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_plan_split_disjoint_and_complete(world_size):
+    batch = 7  # 2000 % (W * 7) != 0 for W = 1..4: there is always a leftover to drop
+    total = sum(SIZES)
+    everything = {(s, i) for s, n in enumerate(SIZES) for i in range(n)}
+    dropped_by_epoch = []
+    for epoch in range(4):
+        for num_workers in (1, 2, 3):
+            plan = EpochPlan(SIZES, epoch, seed=11, world_size=world_size, batch_size=batch)
+            nb = plan.batches_per_rank
+            assert nb == total // (world_size * batch)
+            used: set[tuple[int, int]] = set()
+            for rank in range(world_size):
+                rank_pos = [(seg.shard, i) for seg in plan.rank_segments(rank) for i in range(seg.start, seg.stop)]
+                assert len(rank_pos) == nb * batch == len(set(rank_pos))
+                worker_pos = []
+                spans = plan.worker_batches(num_workers)
+                assert spans[0][0] == 0 and spans[-1][1] == nb
+                assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+                for worker in range(num_workers):
+                    segs = plan.worker_segments(rank, worker, num_workers)
+                    pos = [(seg.shard, i) for seg in segs for i in range(seg.start, seg.stop)]
+                    assert all(0 <= seg.start < seg.stop <= SIZES[seg.shard] for seg in segs)
+                    first, end = spans[worker]
+                    assert len(pos) == (end - first) * batch
+                    order = plan.worker_order(rank, worker, num_workers, window=50)
+                    assert sorted(order) == list(range(len(pos)))
+                    worker_pos.extend(pos)
+                    assert used.isdisjoint(pos), (rank, worker)
+                    used.update(pos)
+                assert worker_pos == rank_pos  # workers split the rank's run, in order
+            assert len(used) == nb * world_size * batch
+            dropped = everything - used
+            assert len(dropped) == total - nb * world_size * batch
+            assert 0 < len(dropped) < world_size * batch
+        dropped_by_epoch.append(frozenset(dropped))
+    assert len(set(dropped_by_epoch)) == len(dropped_by_epoch), "the same samples are dropped every epoch"
+
+
+def test_plan_without_shuffle_and_consumed_per_worker():
+    plan = EpochPlan(SIZES, epoch=3, seed=0, world_size=2, batch_size=10, shuffle=False)
+    assert plan.shard_order() == list(range(len(SIZES))) and plan.offset() == 0
+    assert plan.rank_segments(0)[0].shard == 0 and plan.rank_segments(0)[0].start == 0
+    assert plan.worker_order(0, 0, 2, window=7) == list(range(500))
+    for k in (1, 2, 3):
+        for consumed in range(12):
+            per = consumed_per_worker(consumed, k)
+            assert per == [sum(1 for i in range(consumed) if i % k == w) for w in range(k)]
+
+
+# ------------------------------------------------------------------------------------------- the stream
+
+
+@pytest.fixture(scope="module")
+def fmnist_train(fmnist_shards):
+    m = load_manifest(str(fmnist_shards / "train"))
+    all_keys = [stream_key(url, s["__key__"]) for url in m.shard_urls() for s in iter_raw_samples(url)]
+    assert len(all_keys) == len(set(all_keys)) == 2000
+    return m, set(all_keys)
+
+
+def test_stream_two_ranks_disjoint_deterministic(fmnist_train):
+    manifest, all_keys = fmnist_train
+    batch, world = 32, 2
+    epoch = [0]
+
+    def loader_for(rank: int) -> StreamLoader:
+        ds = make_stream(manifest, batch, seed=5, shuffle_buffer=64)
+        ds.rank, ds.world_size = rank, world
+        return StreamLoader(ds, num_workers=2, epoch_fn=lambda: epoch[0])
+
+    loaders = [loader_for(r) for r in range(world)]
+    nb = len(loaders[0])
+    assert nb == 2000 // (world * batch) == 31
+    runs = [take(ld) for ld in loaders]
+    assert [len(r) for r in runs] == [nb, nb]
+    seen: list[set[str]] = []
+    for run in runs:
+        keys = [k for b in run for k in b["key"]]
+        assert len(keys) == len(set(keys)) == nb * batch, "a key repeats within a rank"
+        seen.append(set(keys))
+        for b in run:
+            assert b["image"].shape == (batch, 3, 16, 16) and b["image"].dtype == torch.float32
+            assert b["label"].shape == (batch,) and b["label"].dtype == torch.long
+            assert 0 <= int(b["label"].min()) and int(b["label"].max()) < 10
+            assert b["skipped"] == 0
+    assert seen[0].isdisjoint(seen[1])
+    union = seen[0] | seen[1]
+    assert len(union) == nb * world * batch and union <= all_keys
+    assert loaders[0].skipped == 0
+
+    again = take(loaders[0])  # the same epoch again: same samples, same order, same augmentation
+    assert keys_of(again) == keys_of(runs[0])
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(again, runs[0]))
+
+    epoch[0] = 1
+    next_epoch = take(loaders[0])
+    assert len(next_epoch) == nb
+    assert keys_of(next_epoch) != keys_of(runs[0])
+    assert [k for b in next_epoch for k in b["key"]] != [k for b in runs[0] for k in b["key"]]
+    assert loaders[0].epoch == 1
+
+
+@pytest.mark.parametrize("num_workers,k", [(0, 5), (2, 3), (2, 8)])
+def test_stream_resume_matches_uninterrupted(fmnist_train, num_workers, k):
+    manifest, _ = fmnist_train
+    batch = 64
+
+    def fresh() -> StreamLoader:
+        # A shuffle window that is not a multiple of the batch: a resume starts mid-window.
+        ds = make_stream(manifest, batch, seed=9, shuffle_buffer=100, num_workers=num_workers)
+        return StreamLoader(ds, num_workers=num_workers, epoch_fn=lambda: 0)
+
+    full = take(fresh())
+    assert len(full) == 2000 // batch
+    first = fresh()
+    head = take(first, limit=k)
+    state = first.state_dict()
+    assert state["epoch"] == 0 and state["consumed"] == k
+    assert keys_of(head) == keys_of(full[:k])
+
+    resumed = fresh()
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip (checkpoint metadata)
+    tail = take(resumed)
+    assert keys_of(tail) == keys_of(full[k:])
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(tail, full[k:]))
+    assert resumed.consumed == len(full)
+    # a finished epoch resumes at the start of the next one
+    assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["consumed"] == 0
+
+
+def test_stream_changed_fingerprint_restarts_epoch(fmnist_train, caplog):
+    manifest, _ = fmnist_train
+    batch = 64
+
+    def fresh(num_workers: int) -> StreamLoader:
+        ds = make_stream(manifest, batch, seed=9, shuffle_buffer=100, num_workers=num_workers)
+        return StreamLoader(ds, num_workers=num_workers, epoch_fn=lambda: 0)
+
+    first = fresh(2)
+    take(first, limit=5)
+    state = first.state_dict()
+    assert state["consumed"] == 5
+    reference = take(fresh(0))
+
+    changed = fresh(0)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.stream"):
+        changed.load_state_dict(state)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "pipeline.data.stream"]
+    assert len(warnings) == 1 and "num_workers" in warnings[0].getMessage()
+    restarted = take(changed)
+    assert keys_of(restarted) == keys_of(reference)  # the whole epoch, from its first batch
+
+
+# ------------------------------------------------------------------------------------- corrupt samples
+
+
+def write_mixed_shard(path: Path, n: int, bad: dict[int, bytes]) -> tuple[dict[str, int], list[str]]:
+    """n samples, of which the indices in ``bad`` carry the given broken png bytes. Returns labels, bad keys."""
+    rng = np.random.default_rng(7)
+    labels, bad_keys = {}, []
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(n):
+            key = f"s{i:03d}"
+            data = bad[i] if i in bad else encode(noise_image(rng, size=(24, 24)), "PNG")
+            sink.write({"__key__": key, "png": data, "cls": str(i % 3).encode()})
+            if i in bad:
+                bad_keys.append(key)
+            else:
+                labels[key] = i % 3
+    return labels, bad_keys
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_stream_skips_and_counts_corrupt_samples(tmp_path, shuffle):
+    good_png = encode(noise_image(np.random.default_rng(3), size=(32, 32)), "PNG")
+    truncated = good_png[: len(good_png) // 2]
+    with pytest.raises(Exception):
+        decode_image(truncated)  # the precondition: these bytes really do not decode
+    bad = {5: b"\x89PNG\r\n\x1a\n definitely not image data", 17: truncated}
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    labels, bad_keys = write_mixed_shard(folder / "mixed-000000.tar", 24, bad)
+    m = index_shards([str(folder / "mixed-000000.tar")], str(folder), "train", log=quiet)
+    assert m.num_samples == 24  # the tar itself is fine: the damage is inside two samples
+
+    batch = 4
+    ds = make_stream(load_manifest(str(folder)), batch, seed=1, shuffle=shuffle, shuffle_buffer=batch)
+    loader = StreamLoader(ds, num_workers=2, epoch_fn=lambda: 0)
+    batches = take(loader)
+    assert len(batches) == 6
+    got: dict[str, int] = {}
+    for b in batches:
+        assert b["image"].shape[0] == len(b["key"]) == b["label"].shape[0] == batch - b["skipped"]
+        for key, y in zip(b["key"], b["label"].tolist()):
+            got[key.split("/", 1)[1]] = y
+    assert got == labels  # every good sample, with its label; no bad one
+    assert sum(b["skipped"] for b in batches) == loader.skipped == len(bad_keys) == 2
+    if not shuffle:
+        # Without shuffling batch j of the plan holds samples 4j..4j+3: the two bad ones are in different
+        # batches, each of which is one image short.
+        short = sorted({int(k.split("/s")[1]) // batch for b in batches if b["skipped"] for k in b["key"]})
+        assert short == [5 // batch, 17 // batch]
+        assert all(b["skipped"] in (0, 1) for b in batches)
+    assert loader.state_dict()["skipped"] == 2
+
+
+def test_stream_survives_truncated_tar(tmp_path):
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    tar = folder / "cut-000000.tar"
+    labels, _ = write_mixed_shard(tar, 24, {})
+    index_shards([str(tar)], str(folder), "train", log=quiet)  # manifest made from the intact shard
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) // 2])
+
+    readable = []
+    with pytest.raises(Exception):
+        for s in iter_raw_samples(str(tar)):
+            readable.append(s["__key__"])
+    assert 0 < len(readable) < 24
+
+    batch = 4
+    ds = make_stream(load_manifest(str(folder)), batch, seed=2, shuffle=True, shuffle_buffer=8)
+    loader = StreamLoader(ds, num_workers=2, epoch_fn=lambda: 0)
+    batches = take(loader)  # no exception
+    assert len(batches) == 6
+    keys = [k.split("/", 1)[1] for b in batches for k in b["key"]]
+    assert sorted(keys) == sorted(readable)
+    for b in batches:
+        assert b["image"].shape == (batch - b["skipped"], 3, 16, 16)
+    assert loader.skipped == sum(b["skipped"] for b in batches) == 24 - len(readable)
+
+
+# ------------------------------------------------------------------------------------------- transforms
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (224, 224), (100, 60), (64, 64), (28, 28), (17, 23)])
+@pytest.mark.parametrize("scale,ratio", [((0.2, 1.0), (3 / 4, 4 / 3)), ((0.08, 0.5), (0.5, 2.0))])
+def test_crop_box_inside_and_within_bounds(size, scale, ratio):
+    width, height = size
+    area = width * height
+    rng = random.Random(f"{size}{scale}")
+    for _ in range(400):
+        left, top, w, h = crop_box(width, height, scale, ratio, rng)
+        assert 0 < w and 0 < h
+        assert 0 <= left and 0 <= top and left + w <= width and top + h <= height
+        # w and h are the rounded sides of a box of the drawn area: allow for that half-pixel rounding
+        assert (w + 0.5) * (h + 0.5) / area >= scale[0]
+        assert (w - 0.5) * (h - 0.5) / area <= scale[1]
+        assert (w + 0.5) / (h - 0.5) >= ratio[0] and (w - 0.5) / (h + 0.5) <= ratio[1]
+
+
+def test_mae_transform_seeded_and_shaped():
+    cfg = TransformConfig(image_size=(16, 12))
+    t = MAETrainTransform(cfg)
+    img = noise_image(np.random.default_rng(4), size=(40, 30))
+    a = t(img, random.Random("seed/0/key"))
+    b = t(img, random.Random("seed/0/key"))
+    c = t(img, random.Random("seed/1/key"))
+    assert a.shape == (3, 16, 12) and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    # normalised with the ImageNet statistics: a white image maps to (1 - mean) / std everywhere
+    white = t(Image.new("RGB", (30, 30), (255, 255, 255)), random.Random(0))
+    expect = (1 - torch.tensor(cfg.mean)) / torch.tensor(cfg.std)
+    assert torch.allclose(white, expect.view(3, 1, 1).expand(3, 16, 12), atol=1e-5)
+
+
+def test_grayscale_bytes_give_three_channels():
+    t = MAETrainTransform(TransformConfig(image_size=(16, 16)))
+    gray = noise_image(np.random.default_rng(5), size=(28, 28), mode="L")
+    for fmt in ("PNG", "JPEG"):
+        img = decode_image(encode(gray, fmt))
+        assert img.mode == "RGB"
+        x = t(img, random.Random(1))
+        assert x.shape == (3, 16, 16)
+        assert torch.allclose(x[0] * 0.229 + 0.485, x[1] * 0.224 + 0.456, atol=1e-5)  # grey: equal channels
+    with pytest.raises(Exception):
+        decode_image(b"\x89PNG\r\n\x1a\n garbage")
+
+
+def test_mae_transform_accepts_grayscale_pil_image():
+    t = MAETrainTransform(TransformConfig(image_size=(16, 16)))
+    gray = noise_image(np.random.default_rng(6), size=(28, 28), mode="L")
+    assert t(gray, random.Random(0)).shape == (3, 16, 16)

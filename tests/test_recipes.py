@@ -1,0 +1,266 @@
+"""Recipes: every built-in one parses and builds (shrunk), the big ones keep the paper's settings, config
+errors name the key, overrides parse, batch arithmetic and world size, and the CLI's exit code on a typo."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.config import ConfigError
+from pipeline.distributed import derive_batch, launcher_world_size, world_size
+from pipeline.recipe import load_recipe, parse_overrides
+from pipeline.resources import list_recipes
+from pipeline.tasks import MAEPretrainTask, Schedule
+
+RECIPES = list_recipes()
+BIG = {"mae/vit_base16": ("base", 16), "mae/vit_large16": ("large", 16), "mae/vit_huge14": ("huge", 14)}
+
+MINI_RECIPE = """\
+model:
+  encoder: {size: tiny, depth: 1, embed_dim: 32, num_heads: 4, image_size: [16, 16], patch_size: 8}
+  decoder: {depth: 1, dim: 16, num_heads: 2}
+trainer: {global_batch: 8, max_steps: 3}
+"""
+
+
+def shrink(patch_size: int) -> dict[str, str]:
+    """Overrides that make any recipe's model tiny; the image side is a multiple of the recipe's patch."""
+    side = 32 if 32 % patch_size == 0 else 2 * patch_size
+    return {
+        "model.encoder.size": "tiny", "model.encoder.depth": "2", "model.encoder.embed_dim": "64",
+        "model.encoder.num_heads": "4", "model.encoder.image_size": f"[{side}, {side}]",
+        "model.encoder.patch_size": str(patch_size),
+        "model.decoder.depth": "1", "model.decoder.dim": "32", "model.decoder.num_heads": "4",
+    }
+
+
+def test_builtin_recipes_are_listed():
+    assert {"mae/tiny_fmnist", *BIG} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_parses_and_builds_tiny(name):
+    full = load_recipe(name)
+    assert full.name == name.split("/")[-1]
+    patch = full.model.encoder.patch_size
+    recipe = load_recipe(name, shrink(patch))
+    enc = recipe.model.encoder
+    assert (enc.embed_dim, enc.depth, enc.num_heads, enc.patch_size) == (64, 2, 4, patch)
+    assert tuple(recipe.data.transform.image_size) == enc.image_size  # the transform follows the model
+    # Everything but the model is the recipe's own.
+    assert recipe.optim == full.optim and recipe.trainer == full.trainer
+    assert recipe.data.train == full.data.train
+
+    torch.manual_seed(0)
+    task = MAEPretrainTask(recipe.model, recipe.optim, Schedule(10, 2, recipe.trainer.global_batch))
+    imgs = torch.randn(2, enc.in_chans, *enc.image_size)
+    loss, pred, mask = task.model(imgs)
+    L = enc.grid[0] * enc.grid[1]
+    assert torch.isfinite(loss)
+    assert pred.shape == (2, L, patch * patch * enc.in_chans) and mask.shape == (2, L)
+    assert mask.sum(1).tolist() == [L - round((1 - recipe.model.mask_ratio) * L)] * 2
+
+
+@pytest.mark.parametrize("name", sorted(BIG))
+def test_big_recipes_keep_the_papers_settings(name):
+    r = load_recipe(name)
+    size, patch = BIG[name]
+    assert (r.model.encoder.size, r.model.encoder.patch_size) == (size, patch)
+    assert r.model.encoder.image_size == (224, 224)
+    assert r.trainer.global_batch == 4096
+    assert r.optim.base_lr == 1.5e-4
+    assert r.optim.warmup_epochs == 40
+    assert r.optim.warmup_steps is None  # epochs, not a fixed step count
+    assert r.optim.weight_decay == 0.05 and r.optim.betas == (0.9, 0.95)
+    assert r.model.mask_ratio == 0.75
+    assert r.model.norm_pix_loss is True
+    assert r.model.encoder_mask_tokens is False
+    assert (r.model.decoder.depth, r.model.decoder.dim) == (8, 512)
+    # The global batch splits exactly over the recipe's devices within its micro batch.
+    t = r.trainer
+    plan = derive_batch(t.global_batch, t.devices * t.num_nodes, t.micro_batch)
+    assert plan.per_device * plan.world_size * plan.accumulate == 4096
+    assert plan.per_device <= t.micro_batch
+
+
+# -- errors that name the key -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key,value", [
+    ("model.encoder.sise", "3"),
+    ("trainer.globl_batch", "8"),
+    ("optim.lr", "0.1"),
+    ("model.decoder.width", "64"),
+])
+def test_unknown_override_key_names_it(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_recipe("mae/tiny_fmnist", {key: value})
+
+
+def test_unknown_key_in_recipe_file_names_it(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(MINI_RECIPE.replace("patch_size: 8", "patch_size: 8, sise: 3"))
+    with pytest.raises(ConfigError, match=r"model\.encoder\.sise"):
+        load_recipe(str(path))
+    path.write_text(MINI_RECIPE + "tracker: {uri: x}\n")
+    with pytest.raises(ConfigError, match="tracker"):
+        load_recipe(str(path))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("trainer.global_batch", "abc"),
+    ("trainer.global_batch", "4096.0"),  # a float for an int
+    ("trainer.global_batch", "true"),  # a bool is no int
+    ("trainer.micro_batch", "1.5"),  # int | None
+    ("optim.base_lr", "fast"),
+    ("model.norm_pix_loss", "maybe"),
+    ("model.encoder.image_size", "[32, 32, 32]"),
+    ("model.encoder.image_size", "[32, x]"),
+    ("optim.betas", "0.9"),
+])
+def test_wrong_type_names_the_key(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_recipe("mae/tiny_fmnist", {key: value})
+
+
+@pytest.mark.parametrize("key,value", [
+    ("model.encoder.pos_embed", "absolute"),
+    ("trainer.precision", "fp64"),
+    ("trainer.strategy", "fsdp"),
+    ("task", "simclr"),
+])
+def test_invalid_literal_names_the_key(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        load_recipe("mae/tiny_fmnist", {key: value})
+    assert value in str(err.value)
+
+
+def test_validation_errors_name_the_section():
+    with pytest.raises(ConfigError, match=r"model\.encoder"):
+        load_recipe("mae/tiny_fmnist", {"model.encoder.patch_size": "5"})  # 32 is no multiple of 5
+    with pytest.raises(ConfigError, match="model"):
+        load_recipe("mae/tiny_fmnist", {"model.mask_ratio": "1.0"})
+
+
+def test_int_value_is_accepted_where_a_float_is_expected():
+    r = load_recipe("mae/tiny_fmnist", {"optim.base_lr": "1", "optim.warmup_epochs": "5"})
+    assert r.optim.base_lr == 1.0 and isinstance(r.optim.base_lr, float)
+
+
+def test_recipe_file_path_works_like_a_builtin_name(tmp_path):
+    path = tmp_path / "mini.yaml"
+    path.write_text(MINI_RECIPE)
+    r = load_recipe(str(path), {"trainer.global_batch": "16"})
+    assert r.name == "mini"
+    assert r.trainer.global_batch == 16 and r.trainer.max_steps == 3
+    assert r.model.encoder.image_size == (16, 16) and r.data.transform.image_size == (16, 16)
+    # A copy of a built-in recipe loaded by path equals the built-in one loaded by name.
+    from pipeline.resources import find_recipe
+    copy = tmp_path / "tiny_fmnist.yaml"
+    copy.write_text(find_recipe("mae/tiny_fmnist").read_text())
+    assert load_recipe(str(copy)) == load_recipe("mae/tiny_fmnist")
+    assert load_recipe("mae/tiny_fmnist.yaml") == load_recipe("mae/tiny_fmnist")
+
+
+def test_missing_recipe_lists_the_builtin_ones():
+    with pytest.raises(FileNotFoundError) as err:
+        load_recipe("mae/vit_gigantic")
+    msg = str(err.value)
+    assert "mae/vit_gigantic" in msg
+    for name in RECIPES:
+        assert name in msg
+
+
+# -- overrides ---------------------------------------------------------------------------------------------
+
+def test_parse_overrides_forms():
+    assert parse_overrides(["--a.b", "1"]) == {"a.b": "1"}
+    assert parse_overrides(["--a.b=1"]) == {"a.b": "1"}
+    assert parse_overrides(["--a.b=x=y", "--c.d", "[1, 2]", "--e", "-3"]) == {"a.b": "x=y", "c.d": "[1, 2]",
+                                                                             "e": "-3"}
+    assert parse_overrides([]) == {}
+    with pytest.raises(ConfigError, match=r"a\.b"):
+        parse_overrides(["--a.b"])
+    with pytest.raises(ConfigError, match=r"c\.d"):
+        parse_overrides(["--a.b", "1", "--c.d"])
+    with pytest.raises(ConfigError):
+        parse_overrides(["a.b", "1"])
+
+
+def test_parsed_overrides_apply_as_yaml():
+    args = ["--trainer.max_steps=12", "--model.encoder.image_size", "[16, 16]",
+            "--trainer.micro_batch", "null"]
+    r = load_recipe("mae/tiny_fmnist", parse_overrides(args))
+    assert r.trainer.max_steps == 12 and r.model.encoder.image_size == (16, 16)
+    assert r.trainer.micro_batch is None
+
+
+# -- batch arithmetic and world size ------------------------------------------------------------------------
+
+def test_derive_batch_examples():
+    p = derive_batch(4096, 64, 32)
+    assert (p.per_device, p.accumulate, p.world_size, p.global_batch) == (32, 2, 64, 4096)
+    p = derive_batch(4096, 1, 128)
+    assert (p.per_device, p.accumulate) == (128, 32)
+    p = derive_batch(4096, 8)  # no cap: the whole share in one step
+    assert (p.per_device, p.accumulate) == (512, 1)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8, 16, 32, 64])
+@pytest.mark.parametrize("micro", [None, 16, 32, 64, 128, 100])
+def test_derive_batch_keeps_the_global_batch(world, micro):
+    p = derive_batch(4096, world, micro)
+    assert p.per_device * world * p.accumulate == 4096
+    if micro:
+        assert p.per_device <= micro
+
+
+@pytest.mark.parametrize("global_batch,world", [(4096, 3), (100, 8), (10, 4)])
+def test_derive_batch_rejects_non_divisible(global_batch, world):
+    with pytest.raises(ValueError, match="divisible"):
+        derive_batch(global_batch, world)
+
+
+def test_world_size_from_env():
+    assert world_size(8, 4, env={"WORLD_SIZE": "16"}) == 16
+    assert world_size(8, 4, env={"WORLD_SIZE": "16", "SLURM_NTASKS": "64", "SLURM_STEP_ID": "0"}) == 16
+    assert world_size(8, 4, env={"SLURM_NTASKS": "64", "SLURM_STEP_ID": "0"}) == 64
+    # SLURM_NTASKS alone is the allocation (sbatch), not a launched step: fall back to the recipe.
+    assert world_size(8, 4, env={"SLURM_NTASKS": "64"}) == 32
+    assert world_size(8, 4, env={}) == 32
+    assert world_size(1, 1, env={}) == 1
+    assert launcher_world_size({}) is None
+    assert launcher_world_size({"SLURM_NTASKS": "4", "SLURM_STEP_ID": "1"}) == 4
+
+
+def test_world_size_reads_os_environ_by_default(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    assert world_size(1, 1) == 6
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    assert world_size(2, 3) == 6
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------
+
+def test_cli_pretrain_with_unknown_key_exits_2(capsys):
+    code = main(["pretrain", "--config", "mae/tiny_fmnist", "--model.encoder.sise", "3"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "model.encoder.sise" in err and "error" in err
+
+
+def test_cli_pretrain_with_missing_recipe_exits_2(capsys):
+    assert main(["pretrain", "--config", "mae/nope"]) == 2
+    err = capsys.readouterr().err
+    assert "mae/nope" in err and "mae/tiny_fmnist" in err
+
+
+def test_cli_lists_recipes(capsys):
+    assert main(["recipes"]) == 0
+    assert capsys.readouterr().out.split() == RECIPES
+
+
+def test_square_image_size_may_be_one_number():
+    recipe = load_recipe("mae/tiny_fmnist", {"model.encoder.image_size": "28", "model.encoder.patch_size": "7"})
+    assert recipe.model.encoder.image_size == (28, 28)
+    assert tuple(recipe.data.transform.image_size) == (28, 28)
