@@ -72,7 +72,7 @@ class ShardStream(IterableDataset):
         order = plan.worker_order(self.rank, worker, k, window)
         start = consumed_per_worker(self.consumed, k)[worker] * self.batch_size
         raw = self._read(segments, skip=(start // window) * window)
-        batch: list[tuple[int, Any]] = []
+        batch: list[tuple[str, Any]] = []
         for w0 in range((start // window) * window, len(order), window):
             block = [next(raw) for _ in range(min(window, len(order) - w0))]
             for i in range(max(w0, start), w0 + len(block)):  # i: emission index, order[i]: position
