@@ -34,8 +34,16 @@ def make_photo_folder(root: Path, n: int, seed: int = 0) -> None:
 
     names = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
              "skin", "cat", "colorwheel"]
-    photos = [np.asarray(getattr(skd, nm)()) for nm in names if hasattr(skd, nm)]
-    photos = [p for p in photos if p.ndim == 3 and p.shape[2] == 3]
+    photos = []
+    for nm in names:
+        try:  # only the photos shipped inside the wheel: others would need a download
+            photo = np.asarray(getattr(skd, nm)())
+        except (AttributeError, ModuleNotFoundError, OSError):
+            continue
+        if photo.ndim == 3 and photo.shape[2] == 3:
+            photos.append(photo)
+    if not photos:
+        raise SystemExit("no colour photos found in scikit-image's bundled data")
     rng = random.Random(seed)
     for i in range(n):
         src = Image.fromarray(photos[i % len(photos)])

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .plan import EpochPlan, Segment, consumed_per_worker
 from .tar_io import iter_raw_samples
-from .transforms import MAETrainTransform, TransformConfig, decode_image
+from .transforms import MAETrainTransform, TransformConfig, open_image
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
@@ -110,7 +110,7 @@ class ShardStream(IterableDataset):
         key = f"{shard}/{sample['__key__']}"
         try:
             data = next(sample[k] for k in IMAGE_KEYS if k in sample)
-            img = decode_image(data)
+            img = open_image(data)
             label = int(sample["cls"]) if "cls" in sample else -1
             x = self.transform(img, random.Random(f"{self.seed}/{epoch}/{key}"))
         except Exception as err:

@@ -53,6 +53,11 @@ def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[f
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def open_image(data: bytes) -> Image.Image:
+    """Bytes -> PIL image with only its header read; pixels are decoded by the transform."""
+    return Image.open(io.BytesIO(data))
+
+
 def decode_image(data: bytes) -> Image.Image:
     """Bytes -> RGB PIL image (grey or palette images are converted); raises on corrupt data."""
     img = Image.open(io.BytesIO(data))
@@ -69,11 +74,18 @@ class MAETrainTransform:
         self.std = torch.tensor(cfg.std).view(3, 1, 1)
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        """``img`` may still be undecoded (``Image.open``): the crop is chosen from the header's size, and a
+        JPEG is then decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the output."""
         cfg = self.cfg
-        if img.mode != "RGB":
-            img = img.convert("RGB")
         left, top, w, h = crop_box(img.width, img.height, cfg.crop_scale, cfg.crop_ratio, rng)
         out_h, out_w = cfg.image_size
+        full_w = img.width
+        if img.format == "JPEG" and w >= 2 * out_w and h >= 2 * out_h:
+            img.draft("RGB", (math.ceil(img.width * out_w / w), math.ceil(img.height * out_h / h)))
+            f = img.width / full_w  # the decoded scale; the box follows it
+            left, top, w, h = left * f, top * f, w * f, h * f
+        if img.mode != "RGB":
+            img = img.convert("RGB")
         img = img.resize((out_w, out_h), Image.BICUBIC, box=(left, top, left + w, top + h))
         if cfg.hflip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
