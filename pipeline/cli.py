@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None)
     d.add_argument("--resume", default="auto")
 
+    e = sub.add_parser("export", help="checkpoint -> encoder/MAE safetensors + metadata.json")
+    e.add_argument("--checkpoint", required=True, help="a step-N folder, or a checkpoint dir (newest complete)")
+    e.add_argument("--out", required=True)
+
     sub.add_parser("recipes", help="list the built-in recipes")
     return p
 
@@ -67,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
             from .stages.demo import demo
 
             demo(args.workdir, args.steps, parse_overrides(rest), resume=args.resume)
+        elif args.command == "export":
+            from .checkpoint import export_checkpoint, latest_complete
+
+            ckpt = latest_complete(args.checkpoint) or args.checkpoint
+            print(f"exported {ckpt} -> {export_checkpoint(ckpt, args.out)}")
         elif args.command == "recipes":
             from .resources import list_recipes
 

@@ -1,0 +1,80 @@
+"""Export a committed checkpoint to safetensors weights plus a metadata file, and load them back.
+
+``<out>/encoder.safetensors``   the ViT encoder alone (what fine-tuning and evaluation use)
+``<out>/mae.safetensors``       the full MAE, decoder included
+``<out>/metadata.json``         architecture, image and patch size, position-embedding kind / grid /
+                                prefix tokens, normalisation stats, recipe hash, step
+Position-embedding metadata is not a tensor, so it lives in ``metadata.json`` and is handed back to the
+model on load: loading at another image size resamples from the recorded grid, never a guessed one.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from ..config import build
+from ..models import MAE, MAEConfig, ViTConfig, ViTEncoder
+from .store import MARKER, STATE
+
+FORMAT = "vitpipe.export/1"
+
+
+def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # contiguous clones: safetensors refuses shared or strided storage
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()
+            if isinstance(v, torch.Tensor)}
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Committed checkpoint folder (``step-N/``) -> ``out`` with safetensors files and ``metadata.json``."""
+    ckpt, out = Path(checkpoint), Path(out)
+    if not (ckpt / MARKER).is_file():
+        raise FileNotFoundError(f"{ckpt}: not a complete checkpoint (no {MARKER} marker)")
+    recipe = yaml.safe_load((ckpt / "config.yaml").read_text())
+    model = MAE(build(MAEConfig, recipe["model"], "model"))
+    state = torch.load(ckpt / STATE, map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(_tensors(model.encoder), str(out / "encoder.safetensors"))
+    save_file(_tensors(model), str(out / "mae.safetensors"))
+    transform = recipe.get("data", {}).get("transform", {})
+    meta = {
+        "format": FORMAT,
+        "encoder": model.encoder.meta(),
+        "mae": {"decoder": recipe["model"]["decoder"], "mask_ratio": model.cfg.mask_ratio,
+                "norm_pix_loss": model.cfg.norm_pix_loss},
+        "normalisation": {"mean": transform.get("mean"), "std": transform.get("std")},
+        "recipe_name": recipe.get("name"),
+        "step": json.loads((ckpt / MARKER).read_text())["step"],
+        "source_checkpoint": str(ckpt.resolve()),
+    }
+    (out / "metadata.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def read_metadata(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "metadata.json"
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    return meta
+
+
+def load_encoder(folder: str | Path, image_size: tuple[int, int] | None = None) -> ViTEncoder:
+    """Rebuild the exported encoder, optionally at another image size (positions are resampled)."""
+    meta = read_metadata(folder)["encoder"]
+    pos = meta["pos_embed"]
+    cfg = ViTConfig(size=meta["size"], image_size=tuple(image_size or meta["image_size"]),
+                    patch_size=meta["patch_size"], in_chans=meta["in_chans"], pos_embed=pos["kind"],
+                    layer_scale=meta["layer_scale"], embed_dim=meta["embed_dim"], depth=meta["depth"],
+                    num_heads=meta["num_heads"])
+    encoder = ViTEncoder(cfg)
+    state = load_file(str(Path(folder) / "encoder.safetensors"))
+    state["pos_embed._extra_state"] = pos  # the recorded grid drives any resampling
+    encoder.load_state_dict(state)
+    return encoder
