@@ -7,6 +7,8 @@ override fails before anything is built. Defaults live on the dataclass fields a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import types
 import typing
 from typing import Any, Literal, Mapping, TypeVar, get_args, get_origin
@@ -50,6 +52,11 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     return obj
+
+
+def digest(d: Mapping[str, Any]) -> str:
+    """Short stable hash of a plain config mapping (the recipe hash used for lineage)."""
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

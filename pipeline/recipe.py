@@ -1,8 +1,6 @@
 """A recipe: everything one run needs, as typed sections. Loaded from YAML plus dotted overrides."""
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -10,7 +8,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from .checkpoint import CheckpointConfig
-from .config import ConfigError, apply_overrides, build, to_dict
+from .config import ConfigError, apply_overrides, build, digest, to_dict
 from .data import StreamConfig
 from .distributed import ZeroConfig
 from .models import MAEConfig
@@ -70,7 +68,7 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return digest(self.to_dict())
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:

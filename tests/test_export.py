@@ -31,6 +31,7 @@ def test_export_round_trip(fmnist_shards, tmp_path, child_env):
 
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["step"] == 3
+    assert meta["recipe_hash"] == load_recipe("mae/tiny_fmnist", o).digest()
     assert meta["encoder"]["pos_embed"] == {"kind": "learned", "grid": [4, 4], "num_prefix_tokens": 1, "dim": 64}
     assert meta["encoder"]["patch_size"] == 4 and meta["encoder"]["image_size"] == [16, 16]
     assert meta["normalisation"]["mean"] == [0.286, 0.286, 0.286]

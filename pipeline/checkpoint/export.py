@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from ..config import build
+from ..config import build, digest
 from ..models import MAE, MAEConfig, ViTConfig, ViTEncoder
 from .store import MARKER, STATE
 
@@ -50,6 +50,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
                 "norm_pix_loss": model.cfg.norm_pix_loss},
         "normalisation": {"mean": transform.get("mean"), "std": transform.get("std")},
         "recipe_name": recipe.get("name"),
+        "recipe_hash": digest(recipe),
         "step": json.loads((ckpt / MARKER).read_text())["step"],
         "source_checkpoint": str(ckpt.resolve()),
     }
