@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import build, digest
 from ..models import MAE, MAEConfig, ViTConfig, ViTEncoder
-from .store import MARKER, STATE
+from .store import CONFIG, MARKER, STATE
 
 FORMAT = "vitpipe.export/1"
 
@@ -35,7 +35,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     ckpt, out = Path(checkpoint), Path(out)
     if not (ckpt / MARKER).is_file():
         raise FileNotFoundError(f"{ckpt}: not a complete checkpoint (no {MARKER} marker)")
-    recipe = yaml.safe_load((ckpt / "config.yaml").read_text())
+    recipe = yaml.safe_load((ckpt / CONFIG).read_text())
     model = MAE(build(MAEConfig, recipe["model"], "model"))
     state = torch.load(ckpt / STATE, map_location="cpu", weights_only=False)["state_dict"]
     model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})

@@ -19,6 +19,7 @@ from pathlib import Path
 
 MARKER = "COMPLETE"
 STATE = "state.ckpt"
+CONFIG = "config.yaml"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 

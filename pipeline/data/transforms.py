@@ -60,7 +60,7 @@ def open_image(data: bytes) -> Image.Image:
 
 def decode_image(data: bytes) -> Image.Image:
     """Bytes -> RGB PIL image (grey or palette images are converted); raises on corrupt data."""
-    img = Image.open(io.BytesIO(data))
+    img = open_image(data)
     img.load()
     return img.convert("RGB") if img.mode != "RGB" else img
 

@@ -16,7 +16,7 @@ import lightning as L
 import yaml
 
 from ..checkpoint import CommittedCheckpoint, latest_complete, resolve_resume
-from ..checkpoint.store import STATE
+from ..checkpoint.store import CONFIG, STATE
 from ..config import flatten
 from ..data.datamodule import ShardDataModule
 from ..distributed import build_strategy, derive_batch, world_size
@@ -76,7 +76,7 @@ def pretrain(recipe: Recipe, resume: str | None = "auto",
     logger = make_logger(recipe.tracking, recipe.name, run_id=previous)
 
     def write_extras(folder: Path) -> None:
-        (folder / "config.yaml").write_text(recipe.to_yaml())
+        (folder / CONFIG).write_text(recipe.to_yaml())
 
     callbacks: list[L.Callback] = [CommittedCheckpoint(recipe.checkpoint, write_extras)]
     if recipe.tracking.recon_every_n_steps:
@@ -96,7 +96,7 @@ def pretrain(recipe: Recipe, resume: str | None = "auto",
     )
     if trainer.is_global_zero:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        (ckpt_root / "config.yaml").write_text(recipe.to_yaml())
+        (ckpt_root / CONFIG).write_text(recipe.to_yaml())
         if previous is None:
             logger.log_hyperparams(flatten(recipe.to_dict()))
             logger.experiment.log_text(logger.run_id, recipe.to_yaml(), "recipe.yaml")
@@ -122,7 +122,7 @@ def pretrain(recipe: Recipe, resume: str | None = "auto",
 
 
 def _warn_changed_config(checkpoint: Path, recipe: Recipe) -> None:
-    saved_file = checkpoint / "config.yaml"
+    saved_file = checkpoint / CONFIG
     if not saved_file.exists():
         return
     saved = flatten(yaml.safe_load(saved_file.read_text()))
