@@ -33,6 +33,8 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: Literal["auto", "ddp", "deepspeed"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward: less memory, one more forward."""
     log_every_n_steps: int = 10
     sample_trace: str | None = None
     """Write one JSON line per batch (step, loss, sample keys) to this file."""

@@ -453,3 +453,17 @@ def test_build_optimizer_schedule_follows_warmup_cosine():
     expected = [warmup_cosine(s, 4, 20, peak, 1e-6) for s in range(25)]
     assert seen == pytest.approx(expected)
     assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+@pytest.mark.parametrize("kind", ["learned", "sincos2d", "rope2d"])
+def test_bf16_parameters_with_fp32_buffers_run_in_bf16(kind):
+    """DeepSpeed's bf16 engine casts parameters, not buffers: fixed position tables stay fp32 and must not
+    promote the bf16 activations (LayerNorm would then refuse the mix)."""
+    enc = ViTConfig(size="tiny", image_size=(32, 32), patch_size=4, embed_dim=64, depth=2, num_heads=4,
+                    pos_embed=kind)
+    model = MAE(MAEConfig(encoder=enc, decoder=DecoderConfig(depth=1, dim=32, num_heads=4)))
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    loss, pred, _ = model(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16))
+    assert pred.dtype == torch.bfloat16 and torch.isfinite(loss)
+    loss.backward()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .pos_embed import PosEmbed
-from .vit import ViTConfig, ViTEncoder, init_weights_mae, make_blocks, run_block
+from .vit import ViTConfig, ViTEncoder, init_weights_mae, make_blocks, run_blocks
 
 
 @dataclass
@@ -64,6 +64,10 @@ class MAE(nn.Module):
         for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             init_weights_mae(module)
         nn.init.normal_(self.mask_token, std=0.02)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block, in the encoder and the decoder."""
+        self.encoder.grad_checkpointing = enable
 
     # -- pixels <-> patches -------------------------------------------------------------------------
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -125,8 +129,7 @@ class MAE(nn.Module):
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, Dd))  # back to patch order
         x = torch.cat([x[:, :1], x_], dim=1)
         x = x + self.decoder_pos_embed.table.to(x.dtype)
-        for block in self.decoder_blocks:
-            x = run_block(block, x, None, 1)
+        x = run_blocks(self.decoder_blocks, x, None, 1, self.encoder.grad_checkpointing)
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, 1:]  # drop CLS
 

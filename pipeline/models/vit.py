@@ -15,6 +15,7 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .pos_embed import PosEmbed, PosEmbedKind, apply_rope, grid_of
 
@@ -106,6 +107,19 @@ def run_block(block: Block, x: torch.Tensor, rope: torch.Tensor | None, num_pref
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, rope: torch.Tensor | None, num_prefix_tokens: int,
+               checkpointing: bool = False) -> torch.Tensor:
+    """Run a block stack. With ``checkpointing`` each block keeps only its input for the backward and
+    recomputes its activations there: activation memory falls from O(depth) blocks to about one block's,
+    for one extra forward."""
+    for block in blocks:
+        if checkpointing and torch.is_grad_enabled():
+            x = checkpoint(run_block, block, x, rope, num_prefix_tokens, use_reentrant=False)
+        else:
+            x = run_block(block, x, rope, num_prefix_tokens)
+    return x
+
+
 def init_weights_mae(module: nn.Module) -> None:
     """MAE initialisation: xavier-uniform Linear (and patch projection), zero bias, unit LayerNorm."""
     for m in module.modules():
@@ -140,6 +154,8 @@ class ViTEncoder(nn.Module):
         self.norm = nn.LayerNorm(D, eps=1e-6)
         init_weights_mae(self)
         nn.init.normal_(self.cls_token, std=0.02)
+        self.grad_checkpointing = False
+        # Recompute block activations in the backward (see run_blocks): a training option, not saved.
 
     @property
     def num_patches(self) -> int:
@@ -155,11 +171,10 @@ class ViTEncoder(nn.Module):
         cls = self.cls_token
         prefix_pos = self.pos_embed.prefix()
         if prefix_pos is not None:
-            cls = cls + prefix_pos
+            cls = cls + prefix_pos.to(cls.dtype)
         x = torch.cat([cls.expand(B, -1, -1), x], dim=1)
         rope = self.pos_embed.rope(ids_keep, B, x.device)
-        for block in self.blocks:
-            x = run_block(block, x, rope, self.num_prefix_tokens)
+        x = run_blocks(self.blocks, x, rope, self.num_prefix_tokens, self.grad_checkpointing)
         return self.norm(x)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:

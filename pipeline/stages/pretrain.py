@@ -69,6 +69,7 @@ def pretrain(recipe: Recipe, resume: str | None = "auto",
     schedule, per_device, accumulate = plan_schedule(recipe, datamodule.manifest.num_samples, world)
     datamodule.batch_size = per_device
     task = MAEPretrainTask(recipe.model, recipe.optim, schedule)
+    task.model.set_grad_checkpointing(tr.activation_checkpointing)
 
     # One MLflow run per training run: a resume continues the run that wrote the checkpoints.
     run_file = ckpt_root / RUN_ID_FILE

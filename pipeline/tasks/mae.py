@@ -33,7 +33,7 @@ class MAEPretrainTask(L.LightningModule):
         self.model = MAE(model_cfg)
         self.optim_cfg, self.schedule = optim_cfg, schedule
         self._t_last: float | None = None
-        self.last_loss: float | None = None
+        self._last_loss: torch.Tensor | None = None  # kept on the device: no host sync per step
 
     def masking_noise(self, keys: list[str], device: torch.device) -> torch.Tensor:
         """[B, L] uniform noise, a function of (seed, epoch, sample key) alone: the same sample is masked the
@@ -51,8 +51,12 @@ class MAEPretrainTask(L.LightningModule):
         noise = self.masking_noise(batch["key"], imgs.device) if batch.get("key") else None
         loss, _, _ = self.model(imgs, noise)
         self.log("train/loss", loss, prog_bar=True, batch_size=imgs.shape[0])
-        self.last_loss = loss.detach().float().item()
+        self._last_loss = loss.detach()
         return loss
+
+    @property
+    def last_loss(self) -> float | None:
+        return None if self._last_loss is None else float(self._last_loss)
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         now = time.perf_counter()

@@ -1,0 +1,67 @@
+"""The MAE FLOP count used for MFU equals what the model actually runs, and activation checkpointing
+changes memory, not results."""
+import pytest
+import torch
+from timm.layers import set_fused_attn
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.models import MAE, DecoderConfig, MAEConfig, ViTConfig
+from pipeline.models.flops import block_flops, mae_forward_flops, mae_train_flops_per_image
+
+
+@pytest.fixture
+def explicit_attention():
+    """timm's explicit q @ k^T path, whose matrix products the FLOP counter sees (CPU SDPA it does not)."""
+    set_fused_attn(False)
+    yield
+    set_fused_attn(True)
+
+
+@pytest.mark.parametrize("mask_ratio, image, patch, mask_tokens", [
+    (0.75, (32, 32), 4, False), (0.6, (24, 40), 8, False), (0.75, (32, 32), 4, True)])
+def test_forward_flops_equal_counted_matrix_products(explicit_attention, mask_ratio, image, patch, mask_tokens):
+    enc = ViTConfig(size="tiny", image_size=image, patch_size=patch, embed_dim=64, depth=3, num_heads=4)
+    cfg = MAEConfig(encoder=enc, decoder=DecoderConfig(depth=2, dim=32, num_heads=4), mask_ratio=mask_ratio,
+                    encoder_mask_tokens=mask_tokens)
+    model = MAE(cfg)
+    assert not model.encoder.blocks[0].attn.fused_attn
+    imgs = torch.randn(3, 3, *image)
+    with FlopCounterMode(display=False) as counter:
+        model(imgs)
+    assert counter.get_total_flops() == 3 * sum(mae_forward_flops(cfg).values())
+
+
+def test_encoder_counts_visible_tokens_only():
+    cfg = MAEConfig(encoder=ViTConfig(size="large", patch_size=16), mask_ratio=0.75)
+    flops = mae_forward_flops(cfg)
+    # 196 patches, 49 kept, plus CLS: the encoder's 24 blocks see 50 tokens, the decoder's 8 see 197.
+    assert flops["encoder_blocks"] == 24 * block_flops(50, 1024, 4.0)
+    assert flops["decoder_blocks"] == 8 * block_flops(197, 512, 4.0)
+    # Hand count of one ViT-L block on 50 tokens: 24 N D^2 + 4 N^2 D.
+    assert block_flops(50, 1024, 4.0) == 24 * 50 * 1024 ** 2 + 4 * 50 ** 2 * 1024
+    assert mae_train_flops_per_image(cfg) == 3 * sum(flops.values())
+    # Visible-only encoding is what makes MAE cheap: about 3.4x fewer FLOPs than encoding all 197 tokens.
+    full = mae_forward_flops(MAEConfig(encoder=ViTConfig(size="large", patch_size=16), encoder_mask_tokens=True))
+    assert 3.0 < full["encoder_blocks"] / flops["encoder_blocks"] < 4.5
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    enc = ViTConfig(size="tiny", image_size=(32, 32), patch_size=4, embed_dim=64, depth=3, num_heads=4,
+                    pos_embed="rope2d")
+    torch.manual_seed(0)
+    model = MAE(MAEConfig(encoder=enc, decoder=DecoderConfig(depth=2, dim=32, num_heads=4)))
+    imgs, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 64)
+
+    def loss_and_grads(checkpointing: bool):
+        model.zero_grad()
+        model.set_grad_checkpointing(checkpointing)
+        loss, _, _ = model(imgs, noise)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_a, grads_a = loss_and_grads(False)
+    loss_b, grads_b = loss_and_grads(True)
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7, msg=name)
