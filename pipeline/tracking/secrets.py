@@ -1,0 +1,51 @@
+"""Keep secrets out of MLflow: recipe values under secret-looking keys, and passwords inside URLs.
+
+Recipes should reference secrets through the environment (``${AWS_SECRET_ACCESS_KEY}``); whatever a recipe
+holds, what reaches a param, tag or artifact goes through ``scrub`` first.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+REDACTED = "***"
+SECRET_WORDS = {"secret", "password", "passwd", "pwd", "token", "credential", "credentials", "auth"}
+SECRET_PHRASES = ("api_key", "apikey", "access_key", "private_key", "session_key")
+ENV_REFERENCE = re.compile(r"^\$\{?[A-Za-z_][A-Za-z0-9_]*\}?$")
+
+
+def is_secret_key(key: str) -> bool:
+    """``aws_secret_access_key``, ``password``, ``auth_token``: yes; ``encoder_mask_tokens``: no (whole words)."""
+    k = key.lower().replace("-", "_").replace(".", "_")
+    return bool(SECRET_WORDS & set(k.split("_"))) or any(p in k for p in SECRET_PHRASES)
+
+
+def scrub(value: Any, key: str = "") -> Any:
+    """A copy of ``value`` (nested mappings / lists) with secret-keyed values and URL passwords redacted.
+    References to environment variables are kept: they name a secret without revealing it."""
+    if isinstance(value, dict):
+        return {k: scrub(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub(v, key) for v in value]
+    if isinstance(value, str):
+        if is_secret_key(key) and not ENV_REFERENCE.match(value):
+            return REDACTED
+        return scrub_url(value)
+    if is_secret_key(key) and value is not None and not isinstance(value, bool):
+        return REDACTED
+    return value
+
+
+def scrub_url(text: str) -> str:
+    """``https://user:pw@host/x`` -> ``https://user:***@host/x``; anything that is not such a URL is kept."""
+    if "://" not in text or "@" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return text
+    if parts.password is None:
+        return text
+    netloc = f"{parts.username}:{REDACTED}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
