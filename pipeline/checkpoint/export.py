@@ -1,7 +1,9 @@
-"""Export a committed checkpoint to safetensors weights plus a metadata file, and load them back.
+"""Export a committed checkpoint (or imported weights, ``write_export``) to safetensors weights plus a
+metadata file, and load them back.
 
 ``<out>/encoder.safetensors``   the ViT encoder alone (what fine-tuning and evaluation use)
 ``<out>/mae.safetensors``       the full MAE, decoder included
+``<out>/timm.safetensors``      the encoder in timm's names, when asked (``models.convert.write_timm``)
 ``<out>/metadata.json``         architecture, image and patch size, position-embedding kind / grid /
                                 prefix tokens, normalisation stats, recipe hash, step
 Position-embedding metadata is not a tensor, so it lives in ``metadata.json`` and is handed back to the
@@ -17,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from ..config import build, digest
+from ..config import build, digest, to_dict
 from ..models import MAE, MAEConfig, ViTConfig, ViTEncoder
 from .store import CONFIG, MARKER, STATE
 
@@ -39,21 +41,32 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     model = MAE(build(MAEConfig, recipe["model"], "model"))
     state = torch.load(ckpt / STATE, map_location="cpu", weights_only=False)["state_dict"]
     model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(_tensors(model.encoder), str(out / "encoder.safetensors"))
-    save_file(_tensors(model), str(out / "mae.safetensors"))
     transform = recipe.get("data", {}).get("transform", {})
-    meta = {
-        "format": FORMAT,
-        "encoder": model.encoder.meta(),
-        "mae": {"decoder": recipe["model"]["decoder"], "mask_ratio": model.cfg.mask_ratio,
-                "norm_pix_loss": model.cfg.norm_pix_loss},
-        "normalisation": {"mean": transform.get("mean"), "std": transform.get("std")},
-        "recipe_name": recipe.get("name"),
-        "recipe_hash": digest(recipe),
-        "step": json.loads((ckpt / MARKER).read_text())["step"],
-        "source_checkpoint": str(ckpt.resolve()),
-    }
+    return write_export(out, model.encoder, model,
+                        normalisation={"mean": transform.get("mean"), "std": transform.get("std")},
+                        extra={"recipe_name": recipe.get("name"), "recipe_hash": digest(recipe),
+                               "step": json.loads((ckpt / MARKER).read_text())["step"],
+                               "source_checkpoint": str(ckpt.resolve())})
+
+
+def write_export(out: str | Path, encoder: ViTEncoder, mae: MAE | None = None,
+                 normalisation: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """The one writer of an export folder: ``encoder.safetensors``, ``mae.safetensors`` when ``mae`` is given
+    (its encoder should be ``encoder``), and ``metadata.json``.
+
+    normalisation: {"mean": [...], "std": [...]} of the input transform (None: unknown). extra: entries
+    appended to the metadata: recipe name / hash and step for a trained checkpoint, ``source`` for imports.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(_tensors(encoder), str(out / "encoder.safetensors"))
+    meta: dict[str, Any] = {"format": FORMAT, "encoder": encoder.meta()}
+    if mae is not None:
+        save_file(_tensors(mae), str(out / "mae.safetensors"))
+        meta["mae"] = {"decoder": to_dict(mae.cfg.decoder), "mask_ratio": mae.cfg.mask_ratio,
+                       "norm_pix_loss": mae.cfg.norm_pix_loss}
+    meta["normalisation"] = normalisation or {"mean": None, "std": None}
+    meta.update(extra or {})
     (out / "metadata.json").write_text(json.dumps(meta, indent=1))
     return out
 
@@ -73,7 +86,8 @@ def load_encoder(folder: str | Path, image_size: tuple[int, int] | None = None) 
     cfg = ViTConfig(size=meta["size"], image_size=tuple(image_size or meta["image_size"]),
                     patch_size=meta["patch_size"], in_chans=meta["in_chans"], pos_embed=pos["kind"],
                     layer_scale=meta["layer_scale"], embed_dim=meta["embed_dim"], depth=meta["depth"],
-                    num_heads=meta["num_heads"])
+                    num_heads=meta["num_heads"], mlp_ratio=meta.get("mlp_ratio", 4.0),
+                    qkv_bias=meta.get("qkv_bias", True))
     encoder = ViTEncoder(cfg)
     state = load_file(str(Path(folder) / "encoder.safetensors"))
     state["pos_embed._extra_state"] = pos  # the recorded grid drives any resampling

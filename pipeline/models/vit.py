@@ -186,4 +186,5 @@ class ViTEncoder(nn.Module):
         return {"arch": "vit", "size": self.cfg.size, "embed_dim": self.cfg.embed_dim, "depth": self.cfg.depth,
                 "num_heads": self.cfg.num_heads, "patch_size": self.cfg.patch_size,
                 "image_size": list(self.cfg.image_size), "in_chans": self.cfg.in_chans,
-                "pos_embed": self.pos_embed.meta(), "layer_scale": self.cfg.layer_scale}
+                "pos_embed": self.pos_embed.meta(), "layer_scale": self.cfg.layer_scale,
+                "mlp_ratio": self.cfg.mlp_ratio, "qkv_bias": self.cfg.qkv_bias}
