@@ -13,7 +13,7 @@ from .data import StreamConfig
 from .distributed import ZeroConfig
 from .models import MAEConfig
 from .resources import find_recipe
-from .tasks import OptimConfig
+from .tasks import FinetuneConfig, FinetuneOptimConfig, OptimConfig
 from .tracking import TrackingConfig
 
 
@@ -45,23 +45,41 @@ class TrainerConfig:
 
 
 @dataclass
-class Recipe:
+class RegisterConfig:
+    """Register the exported model in the MLflow model registry when the run ends (``name`` unset: don't)."""
+
+    name: str | None = None
+    alias: str = "candidate"
+    """Alias set on the new version (MLflow reserves ``latest``: ``models:/<name>/latest`` is the newest)."""
+
+    def __post_init__(self) -> None:
+        if self.alias.lower() == "latest" or not self.alias:
+            raise ValueError(f"alias {self.alias!r} is reserved by MLflow; models:/<name>/latest already "
+                             "names the newest version")
+
+
+@dataclass
+class RunRecipe:
+    """Sections every training recipe has; the task-specific ones are added by the subclasses below."""
+
     name: str
-    task: Literal["mae"] = "mae"
+    task: str = ""
     seed: int = 0
-    model: MAEConfig = field(default_factory=MAEConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: StreamConfig = field(default_factory=StreamConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+
+    def input_size(self) -> tuple[int, int]:
+        raise NotImplementedError
 
     def __post_init__(self) -> None:
         # One truth for the input size: the model's. The transform follows it.
-        if tuple(self.data.transform.image_size) != tuple(self.model.encoder.image_size):
+        if tuple(self.data.transform.image_size) != tuple(self.input_size()):
             raise ValueError(f"data.transform.image_size {list(self.data.transform.image_size)} differs from "
-                             f"model.encoder.image_size {list(self.model.encoder.image_size)}")
+                             f"the model's image_size {list(self.input_size())}")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -71,6 +89,33 @@ class Recipe:
 
     def digest(self) -> str:
         return digest(self.to_dict())
+
+
+@dataclass
+class Recipe(RunRecipe):
+    """MAE pretraining."""
+
+    task: Literal["mae"] = "mae"
+    model: MAEConfig = field(default_factory=MAEConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.model.encoder.image_size)
+
+
+@dataclass
+class FinetuneRecipe(RunRecipe):
+    """Supervised fine-tuning of a registered encoder with a classification head."""
+
+    task: Literal["finetune"] = "finetune"
+    model: FinetuneConfig = field(default_factory=FinetuneConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.model.image_size)
+
+
+RECIPE_TYPES: dict[str, type[RunRecipe]] = {"mae": Recipe, "finetune": FinetuneRecipe}
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
@@ -92,7 +137,7 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
-def load_recipe(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> Recipe:
+def load_recipe(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> RunRecipe:
     """Read a recipe file (or a built-in recipe name such as ``mae/tiny_fmnist``) and apply overrides."""
     path = find_recipe(name_or_path)
     try:
@@ -103,18 +148,24 @@ def load_recipe(name_or_path: str, overrides: Mapping[str, Any] | None = None) -
         raise ConfigError(f"{path}: a recipe is a mapping of sections")
     raw.setdefault("name", path.stem)
     apply_overrides(raw, dict(overrides or {}))
+    task = raw.get("task", "mae")
+    if task not in RECIPE_TYPES:
+        raise ConfigError(f"{path}: task {task!r} is not one of {sorted(RECIPE_TYPES)}")
     # The transform size follows the model unless the recipe sets it.
-    enc = (raw.get("model") or {}).get("encoder") or {}
-    if "image_size" in enc:
-        size = enc["image_size"]
-        size = enc["image_size"] = [size, size] if isinstance(size, int) else size
-        transform = raw.setdefault("data", {}).setdefault("transform", {})
-        transform.setdefault("image_size", size)
+    model = raw.get("model") or {}
+    sized = model.get("encoder") or {} if task == "mae" else model
+    if "image_size" in sized:
+        size = sized["image_size"]
+        size = sized["image_size"] = [size, size] if isinstance(size, int) else size
+        if isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size):
+            # (a malformed size is left for the model's section to report, under its own key)
+            transform = raw.setdefault("data", {}).setdefault("transform", {})
+            transform.setdefault("image_size", size)
     try:
-        return build(Recipe, raw)
+        return build(RECIPE_TYPES[task], raw)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 
 
-def save_recipe(recipe: Recipe, path: str | Path) -> None:
+def save_recipe(recipe: RunRecipe, path: str | Path) -> None:
     Path(path).write_text(recipe.to_yaml())

@@ -7,6 +7,8 @@ Layout under ``root``::
         config.yaml           the resolved recipe
         COMPLETE              written last: its presence is the commit
     .step-00001200.partial/   being written (or left by a crash): never picked up by resume
+    mlflow_run.json           the MLflow run these checkpoints belong to (a resume continues it)
+    exports/step-00001000/    safetensors export of a step, made when it is registered
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 MARKER = "COMPLETE"
 STATE = "state.ckpt"
 CONFIG = "config.yaml"
+RUN_ID = "mlflow_run.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 

@@ -1,5 +1,8 @@
 """One LightningModule per objective; each owns its loss, metrics, optimizer and schedule."""
-from .mae import MAEPretrainTask, Schedule
-from .optim import OptimConfig
+from .base import Schedule, StreamTask
+from .finetune import FinetuneConfig, FinetuneTask, MixupConfig
+from .mae import MAEPretrainTask
+from .optim import FinetuneOptimConfig, OptimConfig
 
-__all__ = ["MAEPretrainTask", "OptimConfig", "Schedule"]
+__all__ = ["FinetuneConfig", "FinetuneOptimConfig", "FinetuneTask", "MAEPretrainTask", "MixupConfig",
+           "OptimConfig", "Schedule", "StreamTask"]

@@ -2,38 +2,24 @@
 from __future__ import annotations
 
 import hashlib
-import time
-from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
 import torch
 
 from ..models import MAE, MAEConfig
+from .base import Schedule, StreamTask
 from .optim import OptimConfig, build_optimizer
-
-
-@dataclass
-class Schedule:
-    """Step counts resolved from the recipe, the data size and the world size (see stages.plan)."""
-
-    total_steps: int
-    warmup_steps: int
-    effective_batch: int
-    seed: int = 0
 
 
 def sample_seed(seed: int, epoch: int, key: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest(), "little") >> 1
 
 
-class MAEPretrainTask(L.LightningModule):
+class MAEPretrainTask(StreamTask):
     def __init__(self, model_cfg: MAEConfig, optim_cfg: OptimConfig, schedule: Schedule):
         super().__init__()
         self.model = MAE(model_cfg)
         self.optim_cfg, self.schedule = optim_cfg, schedule
-        self._t_last: float | None = None
-        self._last_loss: torch.Tensor | None = None  # kept on the device: no host sync per step
 
     def masking_noise(self, keys: list[str], device: torch.device) -> torch.Tensor:
         """[B, L] uniform noise, a function of (seed, epoch, sample key) alone: the same sample is masked the
@@ -46,27 +32,12 @@ class MAEPretrainTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         imgs = batch["image"]
-        if imgs.shape[0] == 0:  # every sample of this batch was corrupt: step with zero gradient
-            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+        if imgs.shape[0] == 0:  # every sample of this batch was corrupt
+            return self.zero_step()
         noise = self.masking_noise(batch["key"], imgs.device) if batch.get("key") else None
         loss, _, _ = self.model(imgs, noise)
-        self.log("train/loss", loss, prog_bar=True, batch_size=imgs.shape[0])
-        self._last_loss = loss.detach()
+        self.record_loss(loss, imgs.shape[0])
         return loss
-
-    @property
-    def last_loss(self) -> float | None:
-        return None if self._last_loss is None else float(self._last_loss)
-
-    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._t_last is not None:
-            imgs = batch["image"].shape[0] * self.trainer.world_size
-            self.log("perf/images_per_s", imgs / max(now - self._t_last, 1e-9), batch_size=1)
-        self._t_last = now
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
-        self.log("data/skipped_samples", float(batch.get("skipped", 0)), reduce_fx="sum", sync_dist=True,
-                 on_step=False, on_epoch=True, batch_size=1)
 
     def configure_optimizers(self):
         s = self.schedule

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -28,17 +29,33 @@ class OptimConfig:
 NO_DECAY_NAMES = ("cls_token", "dist_token", "mask_token", "pos_embed", "encoder_mask_token")
 
 
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Weight decay applies to weight matrices, not to norms, biases, tokens or position embeddings."""
+    return p.ndim > 1 and not any(n in name for n in NO_DECAY_NAMES)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: decayed weights, and norms / biases / tokens / position embeddings without decay."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if decays(name, p) else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float,
+                       layer_id: Callable[[str], int], num_layers: int) -> list[dict]:
+    """Layer-wise lr decay (BEiT / MAE fine-tuning): layer i trains at ``layer_decay ** (num_layers - i)``
+    times the peak lr, so the embeddings move least and the head most. One group per (layer, decay)."""
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or any(n in name for n in NO_DECAY_NAMES):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        lid, wd = layer_id(name), decays(name, p)
+        group = groups.setdefault((lid, wd), {"params": [], "weight_decay": weight_decay if wd else 0.0,
+                                               "lr_scale": layer_decay ** (num_layers - lid)})
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
 
 
 def absolute_lr(cfg: OptimConfig, effective_batch: int) -> float:
@@ -54,9 +71,26 @@ def warmup_cosine(step: int, warmup: int, total: int, peak: float, floor: float)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, effective_batch: int, total_steps: int,
-                    warmup_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+                    warmup_steps: int, groups: list[dict] | None = None,
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``groups`` (default: ``param_groups``); a group's ``lr_scale`` scales its lr throughout."""
     peak = absolute_lr(cfg, effective_batch)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak, betas=cfg.betas)
+    groups = groups if groups is not None else param_groups(model, cfg.weight_decay)
+    for g in groups:
+        g["lr"] = peak * g.get("lr_scale", 1.0)  # LambdaLR multiplies each group's initial lr
+    opt = torch.optim.AdamW(groups, lr=peak, betas=cfg.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: warmup_cosine(step, warmup_steps, total_steps, peak, cfg.min_lr) / peak)
     return opt, sched
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    """Fine-tuning adds layer-wise lr decay; defaults are the MAE paper's ViT-B fine-tuning (Table 9)."""
+
+    base_lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 5.0
+    min_lr: float = 1e-6
+    layer_decay: float = 0.65
+    """lr of layer i = peak * layer_decay ** (depth + 1 - i); 1.0 disables."""

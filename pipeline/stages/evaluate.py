@@ -1,0 +1,122 @@
+"""The evaluation stage: frozen features of a registered encoder -> kNN and / or linear probe accuracy,
+logged to an MLflow run linked to the training run, and attached to the model version as tags."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from ..config import flatten, to_dict
+from ..evaluation import KNNConfig, LinearProbeConfig, knn_accuracy, train_linear_probe
+from ..evaluation.features import EvalTransform, LabelledSplit, encoder_embedding, extract
+from ..registry import ModelRef, load_model_encoder, resolve_model, tag_version
+from ..tracking import TrackingConfig, resolve_uri
+from ..tracking.secrets import scrub, scrub_url
+
+log = logging.getLogger(__name__)
+Protocol = Literal["knn", "linear"]
+
+
+@dataclass
+class EvalConfig:
+    """Which labelled splits, how much of them, and the protocols' settings."""
+
+    train: str = ""
+    """Labelled split the kNN memory bank and the linear probe are fit on (manifest URL or folder)."""
+    val: str = ""
+    """Held-out labelled split the accuracy is measured on."""
+    protocols: list[Protocol] = field(default_factory=lambda: ["knn", "linear"])
+    max_train: int | None = None
+    """Use the first this-many samples of ``train`` (None: all); the report says how many were used."""
+    max_val: int | None = None
+    pool: Literal["cls", "mean"] = "cls"
+    crop_pct: float = 0.875
+    batch_size: int = 256
+    num_workers: int = 1
+    knn: KNNConfig = field(default_factory=KNNConfig)
+    linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.train or not self.val:
+            raise ValueError("evaluation needs a labelled train split and a held-out val split")
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    run_id: str | None = None
+
+
+def evaluate_embedding(embed: Callable[[torch.Tensor], torch.Tensor], cfg: EvalConfig, transform: EvalTransform,
+                       ) -> dict[str, float]:
+    """Accuracy of the requested protocols for one feature extractor ([b, 3, H, W] -> [b, D])."""
+    t0 = time.perf_counter()
+    train = extract(embed, LabelledSplit(cfg.train, transform, cfg.batch_size, cfg.max_train), cfg.num_workers)
+    val = extract(embed, LabelledSplit(cfg.val, transform, cfg.batch_size, cfg.max_val), cfg.num_workers)
+    seconds = time.perf_counter() - t0
+    classes = max(train.num_classes, val.num_classes)
+    metrics = {"train_samples": float(len(train.labels)), "val_samples": float(len(val.labels)),
+               "skipped_samples": float(train.skipped + val.skipped),
+               "features_per_s": (len(train.labels) + len(val.labels)) / max(seconds, 1e-9)}
+    if "knn" in cfg.protocols:
+        metrics["knn_top1"] = knn_accuracy(train.feats, train.labels, val.feats, val.labels, classes, cfg.knn)
+    if "linear" in cfg.protocols:
+        probe = train_linear_probe(train.feats, train.labels, val.feats, val.labels, classes, cfg.linear,
+                                   seed=cfg.seed)
+        metrics["linear_top1"], metrics["linear_train_top1"] = probe.top1, probe.train_top1
+    return metrics
+
+
+def transform_for(ref: ModelRef, cfg: EvalConfig, image_size: tuple[int, int] | None = None) -> EvalTransform:
+    meta = ref.metadata()
+    norm = meta["normalisation"]
+    size = image_size or tuple(meta["encoder"]["image_size"])
+    return EvalTransform(size, norm["mean"], norm["std"], cfg.crop_pct)
+
+
+def evaluate_model(model_uri: str, cfg: EvalConfig, tracking: TrackingConfig,
+                   experiment: str | None = None) -> EvalResult:
+    """Evaluate ``model_uri``; the run goes to ``experiment``, by default the training run's experiment,
+    as a child of the training run, and the metrics are tagged onto the model version."""
+    uri = resolve_uri(tracking)
+    ref = resolve_model(model_uri, uri)
+    encoder = load_model_encoder(ref)
+    metrics = evaluate_embedding(encoder_embedding(encoder, cfg.pool), cfg, transform_for(ref, cfg))
+    client = MlflowClient(uri)
+    run_id = log_evaluation(client, ref, cfg, metrics, experiment)
+    tag_version(client, ref, {f"vitpipe.eval.{k}": f"{v:.4f}" for k, v in metrics.items() if k.endswith("top1")}
+                | {"vitpipe.eval.run_id": run_id})
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("top1"))
+    print(f"evaluate {model_uri}: {shown} on {int(metrics['val_samples'])} held-out samples "
+          f"({int(metrics['train_samples'])} train); MLflow run {run_id} at {scrub_url(uri)}")
+    return EvalResult(metrics, run_id)
+
+
+def log_evaluation(client: MlflowClient, ref: ModelRef, cfg: EvalConfig, metrics: dict[str, float],
+                   experiment: str | None) -> str:
+    parent = client.get_run(ref.run_id) if ref.run_id else None
+    if experiment is not None or parent is None:
+        name = experiment or "vitpipe"
+        found = client.get_experiment_by_name(name)
+        experiment_id = found.experiment_id if found else client.create_experiment(name)
+    else:
+        experiment_id = parent.info.experiment_id
+    tags = {"vitpipe.task": "evaluate", "vitpipe.model_uri": ref.uri}
+    if ref.name:
+        tags |= {"vitpipe.model_name": ref.name, "vitpipe.model_version": str(ref.version)}
+    if parent is not None:
+        tags["vitpipe.trained_by_run"] = parent.info.run_id
+        if parent.info.experiment_id == experiment_id:
+            tags["mlflow.parentRunId"] = parent.info.run_id  # nests the evaluation under its training run
+    run = client.create_run(experiment_id, run_name=f"evaluate {ref.name or ref.uri}", tags=tags)
+    rid, now = run.info.run_id, int(time.time() * 1000)
+    params = [Param(f"eval.{k}", str(v)) for k, v in flatten(scrub(to_dict(cfg))).items()]
+    client.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()], params=params)
+    client.set_terminated(rid)
+    return rid

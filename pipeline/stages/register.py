@@ -1,0 +1,40 @@
+"""Export a committed checkpoint and register it in the MLflow model registry, linked to its run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow import MlflowClient
+
+from ..checkpoint import export_checkpoint, latest_complete
+from ..checkpoint.store import CONFIG, MARKER, RUN_ID
+from ..config import build
+from ..registry import register_export
+from ..tracking import TrackingConfig, resolve_uri
+from ..tracking.secrets import scrub_url
+
+
+
+def register_checkpoint(checkpoint: str | Path, name: str, alias: str = "candidate",
+                        tracking_uri: str | None = None) -> Any:
+    """``checkpoint``: a step folder or a checkpoint directory (its newest complete step is used).
+    The MLflow run is the one that wrote the checkpoints; the tracking URI is the recipe's unless given."""
+    step = latest_complete(checkpoint) or Path(checkpoint)
+    if not (step / MARKER).is_file():
+        raise FileNotFoundError(f"{checkpoint}: no complete checkpoint to register")
+    run_file = step.parent / RUN_ID
+    if not run_file.is_file():
+        raise FileNotFoundError(f"{run_file}: missing; cannot tell which MLflow run trained {step}")
+    run_id = json.loads(run_file.read_text())["run_id"]
+    if tracking_uri is None:
+        recipe = yaml.safe_load((step / CONFIG).read_text())
+        tracking_uri = resolve_uri(build(TrackingConfig, recipe.get("tracking"), "tracking"))
+    export_dir = step.parent / "exports" / step.name
+    if not (export_dir / "metadata.json").is_file():
+        export_checkpoint(step, export_dir)
+    version = register_export(MlflowClient(tracking_uri), export_dir, run_id, name, alias)
+    print(f"registered models:/{name}/{version.version} (alias @{alias}) from run {run_id} "
+          f"at {scrub_url(tracking_uri)}")
+    return version
