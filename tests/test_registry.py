@@ -38,6 +38,7 @@ def test_pretrain_register_evaluate_on_a_real_server(mlflow_server, fmnist_shard
     uri = mlflow_server.uri.replace("http://", "http://alice:s3cr3t-pw@")
     recipe = load_recipe("mae/tiny_fmnist", tiny_overrides(
         fmnist_shards, tmp_path, **{"tracking.uri": uri, "tracking.experiment": "chain",
+                                    "tracking.system_metrics_every_n_steps": 4,
                                     "register.name": "tiny-mae", "register.alias": "candidate"}))
     trained = pretrain(recipe, resume="none")
     client = MlflowClient(mlflow_server.uri)
@@ -52,6 +53,8 @@ def test_pretrain_register_evaluate_on_a_real_server(mlflow_server, fmnist_shard
     assert tags["vitpipe.recipe_hash"] == recipe.digest()
     assert tags["vitpipe.manifest"].endswith("train/manifest.json")
     assert tags["vitpipe.step"] == "8"
+    history = client.get_metric_history(trained.run_id, "system/process_rss_megabytes")
+    assert [m.step for m in history] == [4, 8] and all(m.value > 0 for m in history)
     artifacts = {a.path for a in client.list_artifacts(trained.run_id)}
     assert {"recipe.yaml", "export"} <= artifacts and "reconstructions" in artifacts
     exported = {Path(a.path).name for a in client.list_artifacts(trained.run_id, "export")}

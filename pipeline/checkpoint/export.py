@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import build, digest, to_dict
 from ..models import MAE, MAEConfig, ViTConfig, ViTEncoder
+from ..models.classifier import ViTClassifier
 from .store import CONFIG, MARKER, STATE
 
 FORMAT = "vitpipe.export/1"
@@ -89,7 +90,32 @@ def load_encoder(folder: str | Path, image_size: tuple[int, int] | None = None) 
                     num_heads=meta["num_heads"], mlp_ratio=meta.get("mlp_ratio", 4.0),
                     qkv_bias=meta.get("qkv_bias", True))
     encoder = ViTEncoder(cfg)
+    if not meta.get("final_norm", True):
+        encoder.norm = torch.nn.Identity()
     state = load_file(str(Path(folder) / "encoder.safetensors"))
     state["pos_embed._extra_state"] = pos  # the recorded grid drives any resampling
     encoder.load_state_dict(state)
     return encoder
+
+
+def write_classifier_export(out: str | Path, model: ViTClassifier, normalisation: dict[str, Any] | None,
+                            extra: dict[str, Any] | None = None) -> Path:
+    """A fine-tuned classifier: the usual encoder export plus ``head.safetensors`` (pooling norm and linear
+    head) and a ``classifier`` metadata entry, so evaluation and fine-tuning load its encoder as any other."""
+    head = {k: v for k, v in _tensors(model).items() if not k.startswith("encoder.")}
+    info = {"classifier": {"num_classes": model.num_classes, "pool": model.pool}}
+    out = write_export(out, model.encoder, None, normalisation, {**info, **(extra or {})})
+    save_file(head, str(Path(out) / "head.safetensors"))
+    return out
+
+
+def load_classifier(folder: str | Path, image_size: tuple[int, int] | None = None) -> ViTClassifier:
+    info = read_metadata(folder).get("classifier")
+    if info is None:
+        raise ValueError(f"{folder}: an encoder export without a classification head")
+    model = ViTClassifier(load_encoder(folder, image_size), info["num_classes"], info["pool"])
+    head = load_file(str(Path(folder) / "head.safetensors"))
+    missing, unexpected = model.load_state_dict(head, strict=False)
+    if unexpected or any(not k.startswith("encoder.") for k in missing):
+        raise ValueError(f"{folder}: head.safetensors does not fit: missing {missing}, unexpected {unexpected}")
+    return model

@@ -187,4 +187,6 @@ class ViTEncoder(nn.Module):
                 "num_heads": self.cfg.num_heads, "patch_size": self.cfg.patch_size,
                 "image_size": list(self.cfg.image_size), "in_chans": self.cfg.in_chans,
                 "pos_embed": self.pos_embed.meta(), "layer_scale": self.cfg.layer_scale,
-                "mlp_ratio": self.cfg.mlp_ratio, "qkv_bias": self.cfg.qkv_bias}
+                "mlp_ratio": self.cfg.mlp_ratio, "qkv_bias": self.cfg.qkv_bias,
+                # False when a global-pool head took the final norm's place (MAE fine-tuning)
+                "final_norm": not isinstance(self.norm, nn.Identity)}

@@ -11,7 +11,8 @@ from mlflow import MlflowClient
 from ..evaluation.features import EvalTransform, LabelledSplit, extract
 from ..models.classifier import ViTClassifier, set_drop_path
 from ..recipe import FinetuneRecipe
-from ..registry import load_model_encoder, resolve_model
+from ..checkpoint.export import write_classifier_export
+from ..registry import load_model_encoder, register_export, resolve_model, tag_version
 from ..tasks import FinetuneTask
 from ..tracking import resolve_uri
 from .train import TrainResult, fit, plan_run
@@ -35,8 +36,19 @@ def finetune(recipe: FinetuneRecipe, resume: str | None = "auto",
 
     def held_out(trainer: L.Trainer, result: TrainResult) -> None:
         top1, n = held_out_top1(model, recipe)
-        MlflowClient(result.tracking_uri).log_metric(result.run_id, "val/top1", top1, step=result.global_step)
+        client = MlflowClient(result.tracking_uri)
+        client.log_metric(result.run_id, "val/top1", top1, step=result.global_step)
         print(f"finetune: held-out top-1 {top1:.4f} on {n} samples of {recipe.data.val}")
+        if recipe.register.name and result.checkpoint is not None:
+            t = recipe.data.transform
+            out = write_classifier_export(result.checkpoint.parent / "exports" / result.checkpoint.name,
+                                          model.cpu(), {"mean": list(t.mean), "std": list(t.std)},
+                                          {"recipe_name": recipe.name, "recipe_hash": recipe.digest(),
+                                           "step": result.global_step, "val_top1": top1})
+            version = register_export(client, out, result.run_id, recipe.register.name, recipe.register.alias)
+            tag_version(client, resolve_model(f"models:/{recipe.register.name}/{version.version}",
+                                              result.tracking_uri), {"vitpipe.eval.finetune_top1": f"{top1:.4f}"})
+            print(f"registered models:/{recipe.register.name}/{version.version} (alias @{recipe.register.alias})")
 
     return fit(recipe, plan, task, extra_callbacks, run_tags=tags, on_trained=held_out, stage="finetune")
 

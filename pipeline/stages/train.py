@@ -25,7 +25,7 @@ from ..recipe import RunRecipe
 from ..registry.lineage import MANIFEST, MANIFEST_HASH, RECIPE_HASH, code_version
 from ..tasks import Schedule
 from ..tracking import make_logger, resolve_uri, ui_command
-from ..tracking.callbacks import SampleTrace
+from ..tracking.callbacks import SampleTrace, SystemMetrics
 from ..tracking.mlflow_setup import tracking_failures
 from ..tracking.secrets import scrub, scrub_url
 
@@ -99,6 +99,8 @@ def fit(recipe: RunRecipe, plan: RunPlan, task: L.LightningModule, callbacks: Se
     all_callbacks: list[L.Callback] = [CommittedCheckpoint(recipe.checkpoint, write_extras)]
     if tr.sample_trace:
         all_callbacks.append(SampleTrace(tr.sample_trace))
+    if recipe.tracking.system_metrics_every_n_steps:
+        all_callbacks.append(SystemMetrics(recipe.tracking.system_metrics_every_n_steps))
     all_callbacks.extend(callbacks)
     trainer = L.Trainer(
         accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes,

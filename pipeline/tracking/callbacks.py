@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import psutil
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from torchvision.utils import save_image
@@ -54,3 +55,29 @@ class SampleTrace(L.Callback):
                   "loss": loss, "keys": list(batch.get("key", []))}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class SystemMetrics(L.Callback):
+    """Every N steps, log host CPU and memory and this process's (GPU) memory under ``system/``, the prefix
+    the MLflow UI shows in its System Metrics tab. Step-aligned and sent through the run's own logger, so
+    an unreachable server is handled like any other logging call."""
+
+    def __init__(self, every_n_steps: int):
+        self.every = every_n_steps
+        self.process = psutil.Process()
+        psutil.cpu_percent(None)  # starts the CPU-time window the first reading is measured over
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int):
+        step = trainer.global_step
+        if not self.every or step % self.every or not trainer.is_global_zero or trainer.logger is None:
+            return
+        mem = psutil.virtual_memory()
+        metrics = {"system/cpu_utilization_percentage": psutil.cpu_percent(None),
+                   "system/system_memory_usage_megabytes": (mem.total - mem.available) / 2**20,
+                   "system/system_memory_usage_percentage": mem.percent,
+                   "system/process_rss_megabytes": self.process.memory_info().rss / 2**20}
+        if torch.cuda.is_available():
+            device = pl_module.device
+            metrics["system/gpu_memory_allocated_megabytes"] = torch.cuda.memory_allocated(device) / 2**20
+            metrics["system/gpu_memory_peak_megabytes"] = torch.cuda.max_memory_allocated(device) / 2**20
+        trainer.logger.log_metrics(metrics, step=step)

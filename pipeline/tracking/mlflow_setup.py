@@ -24,6 +24,8 @@ class TrackingConfig:
     run_name: str | None = None
     recon_every_n_steps: int = 500
     """Log a grid of MAE reconstructions every this many steps (0 disables)."""
+    system_metrics_every_n_steps: int = 50
+    """Log CPU, memory and GPU memory under system/ every this many steps (0 disables)."""
     failure_cooldown_s: float = 30.0
     """After a logging call fails as if the server were unreachable, drop logging calls for this many seconds
     (counted, not attempted) before trying again; training never waits on a dead server."""

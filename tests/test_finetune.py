@@ -1,0 +1,83 @@
+"""Fine-tuning: layer-wise lr decay, the two heads, drop path, and the stage from a registered encoder at
+another resolution to a registered classifier."""
+from __future__ import annotations
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import tiny_overrides
+from pipeline.checkpoint.export import load_classifier
+from pipeline.models import ViTConfig, ViTEncoder
+from pipeline.models.classifier import ViTClassifier, set_drop_path
+from pipeline.recipe import load_recipe
+from pipeline.registry import resolve_model
+from pipeline.stages.finetune import finetune, held_out_top1
+from pipeline.stages.pretrain import pretrain
+from pipeline.tasks.optim import layer_decay_groups
+
+
+def tiny_classifier(pool: str = "avg") -> ViTClassifier:
+    enc = ViTEncoder(ViTConfig(size="tiny", image_size=(16, 16), patch_size=4, embed_dim=32, depth=2, num_heads=2))
+    return ViTClassifier(enc, num_classes=5, pool=pool)
+
+
+def test_layer_decay_scales_lr_by_depth_and_skips_decay_on_norms_and_tokens():
+    model = tiny_classifier()
+    groups = layer_decay_groups(model, 0.05, 0.5, model.layer_id, num_layers=3)
+    scale_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert scale_of[id(named["encoder.patch_embed.proj.weight"])] == (0.125, 0.05)
+    assert scale_of[id(named["encoder.cls_token"])] == (0.125, 0.0)
+    assert scale_of[id(named["encoder.blocks.0.attn.qkv.weight"])] == (0.25, 0.05)
+    assert scale_of[id(named["encoder.blocks.1.mlp.fc1.bias"])] == (0.5, 0.0)
+    assert scale_of[id(named["head.weight"])] == (1.0, 0.05)
+    assert scale_of[id(named["fc_norm.weight"])] == (1.0, 0.0)
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_avg_pool_head_replaces_the_final_norm_and_cls_head_keeps_it():
+    avg, cls = tiny_classifier("avg"), tiny_classifier("cls")
+    assert isinstance(avg.encoder.norm, torch.nn.Identity) and isinstance(avg.fc_norm, torch.nn.LayerNorm)
+    assert isinstance(cls.encoder.norm, torch.nn.LayerNorm) and isinstance(cls.fc_norm, torch.nn.Identity)
+    x = torch.randn(2, 3, 16, 16)
+    tokens = avg.encoder(x)
+    torch.testing.assert_close(avg.features(x), avg.fc_norm(tokens[:, 1:].mean(1)))
+    assert avg(x).shape == cls(x).shape == (2, 5)
+
+
+def test_drop_path_rises_linearly_to_the_last_block():
+    enc = ViTEncoder(ViTConfig(size="tiny", image_size=(16, 16), patch_size=4, embed_dim=32, depth=3, num_heads=2))
+    set_drop_path(enc, 0.2)
+    assert isinstance(enc.blocks[0].drop_path1, torch.nn.Identity)
+    assert [b.drop_path1.drop_prob for b in enc.blocks[1:]] == pytest.approx([0.1, 0.2])
+
+
+def test_finetune_from_the_registry_at_another_resolution(fmnist_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("VITPIPE_CACHE", str(tmp_path / "cache"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    pre = load_recipe("mae/tiny_fmnist", tiny_overrides(
+        fmnist_shards, tmp_path / "pre", **{"tracking.uri": uri, "register.name": "enc", "register.alias": "x"}))
+    pretrained = pretrain(pre, resume="none")
+    recipe = load_recipe("finetune/tiny_fmnist", {
+        "model.init": "models:/enc@x", "model.image_size": "[24, 24]",  # pretrained at 16 px
+        "model.eval_limit": "200", "data.train": str(fmnist_shards / "train"),
+        "data.val": str(fmnist_shards / "val"), "trainer.global_batch": "16", "trainer.max_steps": "6",
+        "optim.warmup_steps": "2", "checkpoint.dir": str(tmp_path / "ft"), "checkpoint.every_n_steps": "3",
+        "tracking.uri": uri, "register.name": "clf", "register.alias": "x"})
+    result = finetune(recipe, resume="none")
+    assert result.global_step == 6
+
+    client = MlflowClient(uri)
+    run = client.get_run(result.run_id)
+    assert run.data.tags["vitpipe.init_run"] == pretrained.run_id
+    assert run.data.tags["vitpipe.init_model_version"] == "enc/1"
+    top1 = run.data.metrics["val/top1"]
+    assert 0.0 <= top1 <= 1.0
+
+    # The registered classifier: positions at 24 px (6 x 6 grid), and the same held-out accuracy.
+    ref = resolve_model("models:/clf@x", uri)
+    model = load_classifier(ref.folder)
+    assert model.encoder.pos_embed.meta()["grid"] == [6, 6]
+    assert held_out_top1(model, recipe)[0] == pytest.approx(top1)
+    assert float(ref.tags["vitpipe.eval.finetune_top1"]) == pytest.approx(top1, abs=1e-4)
