@@ -13,7 +13,12 @@ from pipeline.resources import list_recipes
 from pipeline.tasks import MAEPretrainTask, Schedule
 
 RECIPES = list_recipes()
+MAE_RECIPES = [r for r in RECIPES if r.startswith("mae/")]
+FINETUNE_RECIPES = [r for r in RECIPES if r.startswith("finetune/")]
 BIG = {"mae/vit_base16": ("base", 16), "mae/vit_large16": ("large", 16), "mae/vit_huge14": ("huge", 14)}
+# The MAE repository's fine-tuning commands: (base lr, layer decay, drop path, epochs).
+BIG_FINETUNE = {"finetune/vit_base16": (5e-4, 0.65, 0.1, 100), "finetune/vit_large16": (1e-3, 0.75, 0.2, 50),
+                "finetune/vit_huge14": (1e-3, 0.75, 0.3, 50)}
 
 MINI_RECIPE = """\
 model:
@@ -38,7 +43,24 @@ def test_builtin_recipes_are_listed():
     assert {"mae/tiny_fmnist", *BIG} <= set(RECIPES)
 
 
-@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_families_are_all_covered():
+    assert set(RECIPES) == set(MAE_RECIPES) | set(FINETUNE_RECIPES)
+    assert set(BIG_FINETUNE) <= set(FINETUNE_RECIPES) and "finetune/tiny_fmnist" in FINETUNE_RECIPES
+
+
+@pytest.mark.parametrize("name", FINETUNE_RECIPES)
+def test_finetune_recipes_parse_and_keep_the_papers_settings(name):
+    r = load_recipe(name)
+    assert r.task == "finetune" and r.model.init.startswith("models:/")
+    assert tuple(r.data.transform.image_size) == r.model.image_size
+    assert r.register.name and r.model.pool == "avg" and r.model.label_smoothing == 0.1
+    if name in BIG_FINETUNE:
+        assert (r.optim.base_lr, r.optim.layer_decay, r.model.drop_path, r.trainer.max_epochs) == BIG_FINETUNE[name]
+        assert r.trainer.global_batch == 1024 and r.optim.betas == (0.9, 0.999) and r.optim.weight_decay == 0.05
+        assert (r.model.mixup.mixup_alpha, r.model.mixup.cutmix_alpha) == (0.8, 1.0)
+
+
+@pytest.mark.parametrize("name", MAE_RECIPES)
 def test_every_recipe_parses_and_builds_tiny(name):
     full = load_recipe(name)
     assert full.name == name.split("/")[-1]
