@@ -49,9 +49,10 @@ class ModelRef:
         return read_metadata(self.folder)
 
 
-def register_export(client: MlflowClient, export_dir: str | Path, run_id: str, name: str, alias: str) -> Any:
+def register_export(client: MlflowClient, export_dir: str | Path, run_id: str, name: str, alias: str,
+                    tags: dict[str, str] | None = None) -> Any:
     """Log ``export_dir`` as the run's ``export/`` artifacts and register it as a new version of ``name``
-    with ``alias`` pointing at it. Returns the MLflow ModelVersion."""
+    with ``alias`` pointing at it; ``tags`` are added to the lineage tags. Returns the MLflow ModelVersion."""
     meta = read_metadata(export_dir)
     client.log_artifacts(run_id, str(export_dir), EXPORT_ARTIFACT)
     run = client.get_run(run_id)
@@ -61,7 +62,7 @@ def register_export(client: MlflowClient, export_dir: str | Path, run_id: str, n
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     version = client.create_model_version(name, f"{run.info.artifact_uri}/{EXPORT_ARTIFACT}", run_id=run_id,
-                                          tags=version_tags(run, meta))
+                                          tags={**version_tags(run, meta), **(tags or {})})
     client.set_registered_model_alias(name, alias, version.version)
     client.set_tag(run_id, "vitpipe.registered_model", f"models:/{name}/{version.version}")
     return version

@@ -8,11 +8,11 @@ import lightning as L
 import torch
 from mlflow import MlflowClient
 
+from ..checkpoint.export import write_classifier_export
 from ..evaluation.features import EvalTransform, LabelledSplit, extract
 from ..models.classifier import ViTClassifier, set_drop_path
 from ..recipe import FinetuneRecipe
-from ..checkpoint.export import write_classifier_export
-from ..registry import load_model_encoder, register_export, resolve_model, tag_version
+from ..registry import load_model_encoder, register_export, resolve_model
 from ..tasks import FinetuneTask
 from ..tracking import resolve_uri
 from .train import TrainResult, fit, plan_run
@@ -45,9 +45,8 @@ def finetune(recipe: FinetuneRecipe, resume: str | None = "auto",
                                           model.cpu(), {"mean": list(t.mean), "std": list(t.std)},
                                           {"recipe_name": recipe.name, "recipe_hash": recipe.digest(),
                                            "step": result.global_step, "val_top1": top1})
-            version = register_export(client, out, result.run_id, recipe.register.name, recipe.register.alias)
-            tag_version(client, resolve_model(f"models:/{recipe.register.name}/{version.version}",
-                                              result.tracking_uri), {"vitpipe.eval.finetune_top1": f"{top1:.4f}"})
+            version = register_export(client, out, result.run_id, recipe.register.name, recipe.register.alias,
+                                      {"vitpipe.eval.finetune_top1": f"{top1:.4f}"})
             print(f"registered models:/{recipe.register.name}/{version.version} (alias @{recipe.register.alias})")
 
     return fit(recipe, plan, task, extra_callbacks, run_tags=tags, on_trained=held_out, stage="finetune")
