@@ -65,13 +65,24 @@ def decode_image(data: bytes) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+class Normalise:
+    """RGB PIL image [H, W, 3] uint8 -> float tensor [3, H, W], scaled to [0, 1] then standardised."""
+
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W]
+        return (x.float().div_(255.0) - self.mean) / self.std
+
+
 class MAETrainTransform:
     """PIL image -> normalised tensor [3, H, W] with a random resized crop and flip."""
 
     def __init__(self, cfg: TransformConfig):
         self.cfg = cfg
-        self.mean = torch.tensor(cfg.mean).view(3, 1, 1)
-        self.std = torch.tensor(cfg.std).view(3, 1, 1)
+        self.to_tensor = Normalise(cfg.mean, cfg.std)
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
         """``img`` may still be undecoded (``Image.open``): the crop is chosen from the header's size, and a
@@ -90,7 +101,3 @@ class MAETrainTransform:
         if cfg.hflip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return self.to_tensor(img)
-
-    def to_tensor(self, img: Image.Image) -> torch.Tensor:
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W]
-        return (x.float().div_(255.0) - self.mean) / self.std

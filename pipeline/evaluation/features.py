@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..data.manifest import load_manifest
 from ..data.stream import IMAGE_KEYS
 from ..data.tar_io import iter_raw_samples
-from ..data.transforms import decode_image
+from ..data.transforms import Normalise, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,7 @@ class EvalTransform:
         if not 0.0 < crop_pct <= 1.0:
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
         self.size, self.crop_pct = tuple(image_size), crop_pct
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.to_tensor = Normalise(mean, std)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         h, w = self.size
@@ -38,9 +37,7 @@ class EvalTransform:
         rh, rw = max(h, round(img.height * scale)), max(w, round(img.width * scale))
         img = img.resize((rw, rh), Image.BICUBIC)
         top, left = (rh - h) // 2, (rw - w) // 2
-        img = img.crop((left, top, left + w, top + h))
-        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
-        return (x.float() / 255.0 - self.mean) / self.std  # [3, H, W]
+        return self.to_tensor(img.crop((left, top, left + w, top + h)))  # [3, H, W]
 
 
 @dataclass
