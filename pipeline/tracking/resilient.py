@@ -25,13 +25,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping
 
-from .secrets import REDACTED, scrub_url
+from .secrets import scrub_text, scrub_url
 
 log = logging.getLogger(__name__)
 
@@ -197,11 +196,8 @@ class ResilientClient:
         return f"ResilientClient({self._client!r}, failed={self.failed_calls}, dropped={self.dropped_calls})"
 
 
-_URL_PASSWORD = re.compile(r"(://[^/\s:@]+:)[^@\s/]+@")
-
-
 def _short(err: BaseException | None, limit: int = 300) -> str:
     """One line, no password of a URL inside (MLflow's messages quote the request URL), at most ``limit``."""
     text = "none" if err is None else f"{type(err).__name__}: {err}"
-    text = _URL_PASSWORD.sub(rf"\1{REDACTED}@", " ".join(text.split()))
+    text = scrub_text(" ".join(text.split()))
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -49,3 +49,12 @@ def scrub_url(text: str) -> str:
         return text
     netloc = f"{parts.username}:{REDACTED}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+URL_PASSWORD = re.compile(r"(://[^/\s:@]+:)[^@\s/]+@")
+
+
+def scrub_text(text: str) -> str:
+    """Free text (an error message quoting a request URL, say) with every URL password redacted."""
+    return URL_PASSWORD.sub(rf"\1{REDACTED}@", text)
+
