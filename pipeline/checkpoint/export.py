@@ -80,15 +80,20 @@ def read_metadata(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
+def encoder_config(meta: dict[str, Any], image_size: tuple[int, int] | None = None) -> ViTConfig:
+    """The architecture an export's ``encoder`` metadata describes, at ``image_size`` when given."""
+    return ViTConfig(size=meta["size"], image_size=tuple(image_size or meta["image_size"]),
+                     patch_size=meta["patch_size"], in_chans=meta["in_chans"], pos_embed=meta["pos_embed"]["kind"],
+                     layer_scale=meta["layer_scale"], embed_dim=meta["embed_dim"], depth=meta["depth"],
+                     num_heads=meta["num_heads"], mlp_ratio=meta.get("mlp_ratio", 4.0),
+                     qkv_bias=meta.get("qkv_bias", True))
+
+
 def load_encoder(folder: str | Path, image_size: tuple[int, int] | None = None) -> ViTEncoder:
     """Rebuild the exported encoder, optionally at another image size (positions are resampled)."""
     meta = read_metadata(folder)["encoder"]
     pos = meta["pos_embed"]
-    cfg = ViTConfig(size=meta["size"], image_size=tuple(image_size or meta["image_size"]),
-                    patch_size=meta["patch_size"], in_chans=meta["in_chans"], pos_embed=pos["kind"],
-                    layer_scale=meta["layer_scale"], embed_dim=meta["embed_dim"], depth=meta["depth"],
-                    num_heads=meta["num_heads"], mlp_ratio=meta.get("mlp_ratio", 4.0),
-                    qkv_bias=meta.get("qkv_bias", True))
+    cfg = encoder_config(meta, image_size)
     encoder = ViTEncoder(cfg)
     if not meta.get("final_norm", True):
         encoder.norm = torch.nn.Identity()
@@ -102,7 +107,7 @@ def write_classifier_export(out: str | Path, model: ViTClassifier, normalisation
                             extra: dict[str, Any] | None = None) -> Path:
     """A fine-tuned classifier: the usual encoder export plus ``head.safetensors`` (pooling norm and linear
     head) and a ``classifier`` metadata entry, so evaluation and fine-tuning load its encoder as any other."""
-    head = {k: v for k, v in _tensors(model).items() if not k.startswith("encoder.")}
+    head = {f"{part}.{k}": v for part in ("fc_norm", "head") for k, v in _tensors(getattr(model, part)).items()}
     info = {"classifier": {"num_classes": model.num_classes, "pool": model.pool}}
     out = write_export(out, model.encoder, None, normalisation, {**info, **(extra or {})})
     save_file(head, str(Path(out) / "head.safetensors"))

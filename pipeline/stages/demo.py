@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from mlflow import MlflowClient
 
+from ..checkpoint.export import encoder_config
 from ..data.manifest import MANIFEST_NAME
 from ..evaluation.features import encoder_embedding, pixel_embedding
 from ..models import ViTEncoder
 from ..recipe import load_recipe
-from ..registry import load_model_encoder, resolve_model
 from ..tracking import ui_command
 from .evaluate import EvalConfig, evaluate_embedding, evaluate_model, transform_for
 from .pretrain import pretrain
@@ -54,10 +54,9 @@ def demo(workdir: str = "vitpipe-demo", steps: int | None = None, overrides: dic
     print(f"demo: evaluating {model_uri} (kNN k={cfg.knn.k}, linear probe) on {eval_train} train / "
           f"{eval_val} held-out images, and the baselines on the same images")
     result = evaluate_model(model_uri, cfg, recipe.tracking)
-    ref = resolve_model(model_uri, trained.tracking_uri)
-    transform = transform_for(ref, cfg)
+    transform = transform_for(result.ref, cfg)
     torch.manual_seed(recipe.seed)
-    random_init = ViTEncoder(load_model_encoder(ref).cfg)  # same architecture, initialisation only
+    random_init = ViTEncoder(encoder_config(result.ref.metadata()["encoder"]))  # same architecture, fresh init
     rows = {"MAE-pretrained encoder": result.metrics,
             "same encoder, random init": evaluate_embedding(encoder_embedding(random_init, cfg.pool), cfg, transform),
             "raw pixels": evaluate_embedding(pixel_embedding, cfg, transform)}

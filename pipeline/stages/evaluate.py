@@ -50,7 +50,9 @@ class EvalConfig:
 @dataclass
 class EvalResult:
     metrics: dict[str, float]
-    run_id: str | None = None
+    run_id: str
+    ref: ModelRef
+    """The evaluated model, resolved (its files are local)."""
 
 
 def evaluate_embedding(embed: Callable[[torch.Tensor], torch.Tensor], cfg: EvalConfig, transform: EvalTransform,
@@ -95,7 +97,7 @@ def evaluate_model(model_uri: str, cfg: EvalConfig, tracking: TrackingConfig,
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("top1"))
     print(f"evaluate {model_uri}: {shown} on {int(metrics['val_samples'])} held-out samples "
           f"({int(metrics['train_samples'])} train); MLflow run {run_id} at {scrub_url(uri)}")
-    return EvalResult(metrics, run_id)
+    return EvalResult(metrics, run_id, ref)
 
 
 def log_evaluation(client: MlflowClient, ref: ModelRef, cfg: EvalConfig, metrics: dict[str, float],
