@@ -40,6 +40,11 @@ class StreamConfig:
     transform: TransformConfig = field(default_factory=TransformConfig)
 
 
+def image_bytes(sample: dict[str, Any]) -> bytes:
+    """The encoded image of a raw WebDataset sample (its first image extension); StopIteration if none."""
+    return next(sample[k] for k in IMAGE_KEYS if k in sample)
+
+
 def _one_thread(_: int) -> None:
     # Decoding parallelism comes from worker processes; torch's intra-op threads in each worker only contend.
     torch.set_num_threads(1)
@@ -109,8 +114,7 @@ class ShardStream(IterableDataset):
         shard = posixpath.basename(sample["__url__"]).rsplit(".tar", 1)[0]
         key = f"{shard}/{sample['__key__']}"
         try:
-            data = next(sample[k] for k in IMAGE_KEYS if k in sample)
-            img = open_image(data)
+            img = open_image(image_bytes(sample))
             label = int(sample["cls"]) if "cls" in sample else -1
             x = self.transform(img, random.Random(f"{self.seed}/{epoch}/{key}"))
         except Exception as err:

@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data.manifest import load_manifest
-from ..data.stream import IMAGE_KEYS
+from ..data.stream import image_bytes
 from ..data.tar_io import iter_raw_samples
 from ..data.transforms import Normalise, decode_image
 
@@ -73,8 +73,7 @@ class LabelledSplit(IterableDataset):
                     break
                 try:
                     label = int(sample["cls"])
-                    data = next(sample[k] for k in IMAGE_KEYS if k in sample)
-                    images.append(self.transform(decode_image(data)))
+                    images.append(self.transform(decode_image(image_bytes(sample))))
                     labels.append(label)
                 except Exception as err:  # unlabelled or corrupt: skip it, count it, go on
                     skipped += 1

@@ -2,7 +2,6 @@
 logged to an MLflow run linked to the training run, and attached to the model version as tags."""
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
@@ -18,7 +17,6 @@ from ..registry import ModelRef, load_model_encoder, resolve_model, tag_version
 from ..tracking import TrackingConfig, resolve_uri
 from ..tracking.secrets import scrub, scrub_url
 
-log = logging.getLogger(__name__)
 Protocol = Literal["knn", "linear"]
 
 
