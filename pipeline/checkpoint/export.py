@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from ..config import build, digest, to_dict
 from ..models import MAE, MAEConfig, ViTConfig, ViTEncoder
 from ..models.classifier import ViTClassifier
+from .state import read_module_state, submodule_state
 from .store import CONFIG, MARKER, STATE
 
 FORMAT = "vitpipe.export/1"
@@ -40,8 +41,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         raise FileNotFoundError(f"{ckpt}: not a complete checkpoint (no {MARKER} marker)")
     recipe = yaml.safe_load((ckpt / CONFIG).read_text())
     model = MAE(build(MAEConfig, recipe["model"], "model"))
-    state = torch.load(ckpt / STATE, map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+    model.load_state_dict(submodule_state(read_module_state(ckpt / STATE)))
     transform = recipe.get("data", {}).get("transform", {})
     return write_export(out, model.encoder, model,
                         normalisation={"mean": transform.get("mean"), "std": transform.get("std")},

@@ -31,6 +31,8 @@ class CheckpointConfig:
     """Where and how often to checkpoint, and which checkpoints to keep."""
 
     dir: str = "checkpoints"
+    enabled: bool = True
+    """False: write no checkpoints at all (smoke runs and benchmarks of large models; nothing to resume)."""
     every_n_steps: int = 1000
     keep_last: int = 3
     keep_every_n_steps: int | None = None

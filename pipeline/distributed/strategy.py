@@ -15,17 +15,19 @@ class ZeroConfig:
     allgather_bucket_size: int = 200_000_000
     reduce_bucket_size: int = 200_000_000
     overlap_comm: bool = True
+    contiguous_gradients: bool = True
 
 
 def build_strategy(name: str, zero: ZeroConfig) -> Any:
     """A Lightning strategy object or name; ``auto`` lets Lightning pick (single device on one process)."""
     if name == "deepspeed":
-        from lightning.pytorch.strategies import DeepSpeedStrategy
+        from .zero import ZeroStrategy
 
-        return DeepSpeedStrategy(stage=zero.stage, offload_optimizer=zero.offload_optimizer,
-                                 offload_parameters=zero.offload_parameters,
-                                 allgather_bucket_size=zero.allgather_bucket_size,
-                                 reduce_bucket_size=zero.reduce_bucket_size, overlap_comm=zero.overlap_comm)
+        return ZeroStrategy(stage=zero.stage, offload_optimizer=zero.offload_optimizer,
+                            offload_parameters=zero.offload_parameters,
+                            allgather_bucket_size=zero.allgather_bucket_size,
+                            reduce_bucket_size=zero.reduce_bucket_size, overlap_comm=zero.overlap_comm,
+                            contiguous_gradients=zero.contiguous_gradients)
     if name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 

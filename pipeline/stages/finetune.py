@@ -9,6 +9,8 @@ import torch
 from mlflow import MlflowClient
 
 from ..checkpoint.export import write_classifier_export
+from ..checkpoint.state import read_module_state, submodule_state
+from ..checkpoint.store import STATE
 from ..evaluation.features import EvalTransform, LabelledSplit, extract
 from ..models.classifier import ViTClassifier, set_drop_path
 from ..recipe import FinetuneRecipe
@@ -24,9 +26,13 @@ def finetune(recipe: FinetuneRecipe, resume: str | None = "auto",
     plan = plan_run(recipe, resume)
     tracking_uri = resolve_uri(recipe.tracking)
     ref = resolve_model(cfg.init, tracking_uri)
-    encoder = load_model_encoder(ref, cfg.image_size)  # positions resampled if the resolution changed
-    set_drop_path(encoder, cfg.drop_path)
-    model = ViTClassifier(encoder, cfg.num_classes, cfg.pool)
+
+    def classifier() -> ViTClassifier:
+        encoder = load_model_encoder(ref, cfg.image_size)  # positions resampled if the resolution changed
+        set_drop_path(encoder, cfg.drop_path)
+        return ViTClassifier(encoder, cfg.num_classes, cfg.pool)
+
+    model = classifier()
     task = FinetuneTask(model, cfg, recipe.optim, plan.schedule)
     tags = {"vitpipe.init_model": ref.uri}
     if ref.run_id:
@@ -35,14 +41,21 @@ def finetune(recipe: FinetuneRecipe, resume: str | None = "auto",
         tags["vitpipe.init_model_version"] = f"{ref.name}/{ref.version}"
 
     def held_out(trainer: L.Trainer, result: TrainResult) -> None:
-        top1, n = held_out_top1(model, recipe)
+        if result.checkpoint is None:
+            print("finetune: checkpoints disabled, so no trained weights to evaluate or register")
+            return
+        # The trained weights are read back from the final checkpoint rather than taken from memory: under
+        # ZeRO-3 this process holds only its shard of them.
+        trained = classifier()
+        trained.load_state_dict(submodule_state(read_module_state(result.checkpoint / STATE)))
+        top1, n = held_out_top1(trained, recipe)
         client = MlflowClient(result.tracking_uri)
         client.log_metric(result.run_id, "val/top1", top1, step=result.global_step)
         print(f"finetune: held-out top-1 {top1:.4f} on {n} samples of {recipe.data.val}")
-        if recipe.register.name and result.checkpoint is not None:
+        if recipe.register.name:
             t = recipe.data.transform
             out = write_classifier_export(result.checkpoint.parent / "exports" / result.checkpoint.name,
-                                          model.cpu(), {"mean": list(t.mean), "std": list(t.std)},
+                                          trained, {"mean": list(t.mean), "std": list(t.std)},
                                           {"recipe_name": recipe.name, "recipe_hash": recipe.digest(),
                                            "step": result.global_step, "val_top1": top1})
             version = register_export(client, out, result.run_id, recipe.register.name, recipe.register.alias,

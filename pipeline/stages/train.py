@@ -15,12 +15,13 @@ from typing import Callable, Sequence
 
 import lightning as L
 import yaml
+from lightning.pytorch.utilities import rank_zero_only
 
 from ..checkpoint import CommittedCheckpoint, latest_complete, resolve_resume
 from ..checkpoint.store import CONFIG, RUN_ID, STATE
 from ..config import flatten
 from ..data.datamodule import ShardDataModule
-from ..distributed import build_strategy, derive_batch, world_size
+from ..distributed import build_strategy, cluster_environment, derive_batch, resolve_layout, world_size
 from ..recipe import RunRecipe
 from ..registry.lineage import MANIFEST, MANIFEST_HASH, RECIPE_HASH, code_version
 from ..tasks import Schedule
@@ -87,24 +88,31 @@ def fit(recipe: RunRecipe, plan: RunPlan, task: L.LightningModule, callbacks: Se
         on_trained: Callable[[L.Trainer, TrainResult], None] | None = None, stage: str = "train") -> TrainResult:
     """Train ``task`` under ``recipe``; ``on_trained`` runs on global rank 0 after the last checkpoint."""
     tr, ckpt_root = recipe.trainer, Path(recipe.checkpoint.dir)
+    layout = resolve_layout(tr.devices, tr.num_nodes)
+    cluster = cluster_environment(layout)
     # One MLflow run per training run: a resume continues the run that wrote the checkpoints.
     run_file = ckpt_root / RUN_ID
     previous = (json.loads(run_file.read_text())["run_id"]
                 if plan.resume_from is not None and run_file.exists() else None)
-    logger = make_logger(recipe.tracking, recipe.name, run_id=previous)
+    # Only global rank 0 talks to MLflow. Processes started by a launcher (torchrun, srun) all reach this line
+    # at once: the others must not open the tracking store too (a new SQLite store migrates its schema).
+    logger = make_logger(recipe.tracking, recipe.name, run_id=previous) if rank_zero_only.rank == 0 else None
 
     def write_extras(folder: Path) -> None:
         (folder / CONFIG).write_text(recipe.to_yaml())
 
-    all_callbacks: list[L.Callback] = [CommittedCheckpoint(recipe.checkpoint, write_extras)]
+    all_callbacks: list[L.Callback] = []
+    if recipe.checkpoint.enabled:
+        all_callbacks.append(CommittedCheckpoint(recipe.checkpoint, write_extras))
     if tr.sample_trace:
         all_callbacks.append(SampleTrace(tr.sample_trace))
     if recipe.tracking.system_metrics_every_n_steps:
         all_callbacks.append(SystemMetrics(recipe.tracking.system_metrics_every_n_steps))
     all_callbacks.extend(callbacks)
     trainer = L.Trainer(
-        accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes,
-        strategy=build_strategy(tr.strategy, recipe.zero), precision=tr.precision,
+        accelerator=tr.accelerator, devices=layout.devices, num_nodes=layout.num_nodes,
+        strategy=build_strategy(tr.strategy, recipe.zero), plugins=[cluster] if cluster else None,
+        precision=tr.precision,
         max_steps=plan.schedule.total_steps, max_epochs=-1, accumulate_grad_batches=plan.accumulate,
         gradient_clip_val=recipe.optim.grad_clip, logger=logger, callbacks=all_callbacks,
         enable_checkpointing=False, log_every_n_steps=tr.log_every_n_steps, use_distributed_sampler=False,
@@ -122,8 +130,9 @@ def fit(recipe: RunRecipe, plan: RunPlan, task: L.LightningModule, callbacks: Se
     ckpt_path = str(plan.resume_from / STATE) if plan.resume_from else None
     trainer.fit(task, datamodule=plan.datamodule, ckpt_path=ckpt_path)
 
-    result = TrainResult(run_id=logger.run_id, tracking_uri=resolve_uri(recipe.tracking),
-                         experiment=recipe.tracking.experiment, checkpoint=latest_complete(ckpt_root),
+    result = TrainResult(run_id=logger.run_id if logger else "", tracking_uri=resolve_uri(recipe.tracking),
+                         experiment=recipe.tracking.experiment,
+                         checkpoint=latest_complete(ckpt_root) if recipe.checkpoint.enabled else None,
                          global_step=trainer.global_step, last_loss=getattr(task, "last_loss", None),
                          tracking_failures=tracking_failures(logger))
     if trainer.is_global_zero:

@@ -23,12 +23,16 @@ class ReconstructionImages(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int):
         step = trainer.global_step
-        if not self.every or step % self.every or not trainer.is_global_zero or batch["image"].shape[0] == 0:
+        if not self.every or step % self.every:
             return
+        imgs, keys = batch["image"], batch.get("key")
+        if imgs.shape[0] == 0:  # every sample corrupt: still take part in the forward below, on a blank image
+            imgs, keys = imgs.new_zeros(1, *imgs.shape[1:]), None
+        # Every rank runs the forward: under ZeRO-3 it gathers parameter shards, a collective all must join.
+        grid = pl_module.reconstruction_grid(imgs, keys, self.n).float().cpu()
         logger = next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
-        if logger is None:
+        if not trainer.is_global_zero or logger is None or batch["image"].shape[0] == 0:
             return
-        grid = pl_module.reconstruction_grid(batch["image"], batch.get("key"), self.n).float().cpu()
         grid = (grid * self.std + self.mean).clamp(0, 1)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"reconstruction_step{step:08d}.png"

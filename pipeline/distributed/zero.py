@@ -1,0 +1,71 @@
+"""Lightning's DeepSpeed strategy, also on CPU processes (tests, laptops) with the real ZeRO engine over gloo.
+
+Stock Lightning refuses DeepSpeed unless the accelerator is CUDA, validates CUDA device indices, and hands
+``deepspeed.initialize`` the root device's index, which is None for ``cpu``. DeepSpeed itself runs on its
+CPU accelerator. The overrides below touch private Lightning methods: pyproject pins Lightning's minor range.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Optional
+
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.strategies.deepspeed import _validate_device_index_selection
+from lightning.fabric.utilities.seed import reset_seed
+
+log = logging.getLogger(__name__)
+
+
+class ZeroStrategy(DeepSpeedStrategy):
+    strategy_name = "vitpipe_deepspeed"
+
+    @property
+    def _on_cuda(self) -> bool:
+        return isinstance(self.accelerator, CUDAAccelerator)
+
+    def setup_environment(self) -> None:
+        if self._on_cuda:
+            return super().setup_environment()
+        DDPStrategy.setup_environment(self)  # skips DeepSpeedStrategy's "CUDA only" check
+
+    def setup_distributed(self) -> None:
+        assert self.parallel_devices is not None
+        if self._on_cuda:
+            _validate_device_index_selection(self.parallel_devices)
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        import deepspeed
+
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self._device_rank()), config=self.config, model=model,
+            model_parameters=filter(lambda p: p.requires_grad, model.parameters()), optimizer=optimizer,
+            lr_scheduler=lr_scheduler, dist_init_required=False)
+        return engine, ds_optimizer
+
+    def _device_rank(self) -> Optional[int]:
+        # A CUDA device has an index; a CPU process is told its local rank instead of None.
+        index = self.root_device.index
+        return self.local_rank if index is None else index
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        """Loads on the world size that saved it as DeepSpeed does; on another one, through the universal format
+        (weights, Adam moments and step repartitioned over the new ranks)."""
+        from .reshard import ensure_universal, saved_world_size
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if path.is_dir() and not self.load_full_weights:
+            saved = saved_world_size(path)
+            if saved != self.world_size:
+                if self.is_global_zero:
+                    ensure_universal(path)
+                self.barrier("universal-checkpoint")
+                log.warning("checkpoint %s was written by %d processes, resuming on %d", path, saved,
+                            self.world_size)
+                self.deepspeed_engine._config.load_universal_checkpoint = True
+        return super().load_checkpoint(checkpoint_path, weights_only)
