@@ -1,8 +1,13 @@
-"""Runs the pretrain stage in its own process, optionally killing itself (SIGKILL) mid-run.
+"""Runs the pretrain stage in its own process (or under torchrun, one per rank), with test probes.
 
-Usage: python run_pretrain.py OVERRIDES_JSON [--kill-in-checkpoint-at STEP]
-With --kill-in-checkpoint-at the process dies *while writing* the checkpoint of that step, the harshest
-point: the checkpoint folder is half written and must never be used by a resume.
+Usage: python run_pretrain.py OVERRIDES_JSON [--recipe NAME] [--kill-in-checkpoint-at STEP]
+                              [--engine-report PATH] [--save-on-start PATH]
+--kill-in-checkpoint-at: the process dies (SIGKILL) *while writing* the checkpoint of that step, the harshest
+    point: the checkpoint folder is half written and must never be used by a resume.
+--engine-report: each rank writes PATH.rank<R>.json with the ZeRO stage read from the DeepSpeed engine and how
+    many elements of the partitioned fp32 weights and Adam moments this rank holds, against the model's total.
+--save-on-start: once restored and before the first step, save the state as the strategy writes it to PATH
+    (a folder under DeepSpeed): what a resume restored, to compare with what was saved.
 """
 from __future__ import annotations
 
@@ -10,11 +15,16 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import lightning as L
 
 from pipeline.recipe import load_recipe
 from pipeline.stages.pretrain import pretrain
+
+
+def _option(name: str) -> str | None:
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else None
 
 
 class KillWhileSaving(L.Callback):
@@ -26,9 +36,48 @@ class KillWhileSaving(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class EngineReport(L.Callback):
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def on_train_end(self, trainer, pl_module):
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)
+        report = {"rank": trainer.global_rank, "world_size": trainer.world_size, "num_nodes": trainer.num_nodes,
+                  "stage": None}
+        if engine is not None:
+            params = list(engine.module.parameters())
+            stage = int(engine.zero_optimization_stage())
+            opt = engine.optimizer
+            if stage == 3:  # each parameter keeps only its partition in ds_tensor
+                local = sum(p.ds_tensor.numel() for p in params)
+                master = opt.fp32_partitioned_groups_flat
+            else:  # ZeRO 1/2: one flat fp32 partition per parameter group
+                local = sum(t.numel() for t in opt.single_partition_of_fp32_groups)
+                master = opt.single_partition_of_fp32_groups
+            moments = sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel()
+                          for s in opt.optimizer.state.values() if "exp_avg" in s)
+            report.update(stage=stage, total=sum(getattr(p, "ds_numel", p.numel()) for p in params),
+                          local_weights=local, local_master=sum(t.numel() for t in master), local_moments=moments)
+        out = self.path.with_name(f"{self.path.name}.rank{trainer.global_rank}.json")
+        out.write_text(json.dumps(report))
+
+
+class SaveOnStart(L.Callback):
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        trainer.save_checkpoint(self.path)
+
+
 if __name__ == "__main__":
     overrides = json.loads(sys.argv[1])
-    callbacks = []
-    if "--kill-in-checkpoint-at" in sys.argv:
-        callbacks.append(KillWhileSaving(int(sys.argv[sys.argv.index("--kill-in-checkpoint-at") + 1])))
-    pretrain(load_recipe("mae/tiny_fmnist", overrides), resume="auto", extra_callbacks=callbacks)
+    callbacks: list[L.Callback] = []
+    if (step := _option("--kill-in-checkpoint-at")) is not None:
+        callbacks.append(KillWhileSaving(int(step)))
+    if (path := _option("--engine-report")) is not None:
+        callbacks.append(EngineReport(path))
+    if (path := _option("--save-on-start")) is not None:
+        callbacks.append(SaveOnStart(path))
+    recipe = load_recipe(_option("--recipe") or "mae/tiny_fmnist", overrides)
+    pretrain(recipe, resume="auto", extra_callbacks=callbacks)

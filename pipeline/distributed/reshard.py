@@ -65,3 +65,18 @@ def ensure_universal(state: str | Path) -> Path:
     log.warning("converted %s (saved by %d ranks) to DeepSpeed's universal format in %s", state,
                 saved_world_size(state), out)
     return out
+
+
+def repair_stage3_universal_load(zero_optimizer, universal: Path) -> None:
+    """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal loader, which (1) hands every parameter group the
+    *same* Adam step tensor, so torch's AdamW advances it once per group per step, and (2) gives every group
+    group 0's hyper-parameters, so groups without weight decay (norms, biases, position tokens) get it."""
+    saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    groups, saved_groups = zero_optimizer.optimizer.param_groups, saved["optimizer_state_dict"]["param_groups"]
+    if len(groups) != len(saved_groups):
+        raise ValueError(f"{universal}: {len(saved_groups)} optimizer parameter groups saved, {len(groups)} now")
+    for group, saved_group in zip(groups, saved_groups):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    for state in zero_optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()

@@ -16,6 +16,8 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.strategies.deepspeed import _validate_device_index_selection
 from lightning.fabric.utilities.seed import reset_seed
 
+from .reshard import UNIVERSAL_TAG, ensure_universal, repair_stage3_universal_load, saved_world_size
+
 log = logging.getLogger(__name__)
 
 
@@ -56,8 +58,6 @@ class ZeroStrategy(DeepSpeedStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only=None):
         """Loads on the world size that saved it as DeepSpeed does; on another one, through the universal format
         (weights, Adam moments and step repartitioned over the new ranks)."""
-        from .reshard import ensure_universal, saved_world_size
-
         path = Path(self.broadcast(str(checkpoint_path)))
         if path.is_dir() and not self.load_full_weights:
             saved = saved_world_size(path)
@@ -68,4 +68,8 @@ class ZeroStrategy(DeepSpeedStrategy):
                 log.warning("checkpoint %s was written by %d processes, resuming on %d", path, saved,
                             self.world_size)
                 self.deepspeed_engine._config.load_universal_checkpoint = True
+                client_state = super().load_checkpoint(checkpoint_path, weights_only)
+                if self.zero_stage_3:
+                    repair_stage3_universal_load(self.deepspeed_engine.optimizer, path / UNIVERSAL_TAG)
+                return client_state
         return super().load_checkpoint(checkpoint_path, weights_only)

@@ -27,7 +27,7 @@ from ..registry.lineage import MANIFEST, MANIFEST_HASH, RECIPE_HASH, code_versio
 from ..tasks import Schedule
 from ..tracking import make_logger, resolve_uri, ui_command
 from ..tracking.callbacks import SampleTrace, SystemMetrics
-from ..tracking.mlflow_setup import tracking_failures
+from ..tracking.mlflow_setup import run_exists, tracking_failures
 from ..tracking.secrets import scrub, scrub_url
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,14 @@ def fit(recipe: RunRecipe, plan: RunPlan, task: L.LightningModule, callbacks: Se
                 if plan.resume_from is not None and run_file.exists() else None)
     # Only global rank 0 talks to MLflow. Processes started by a launcher (torchrun, srun) all reach this line
     # at once: the others must not open the tracking store too (a new SQLite store migrates its schema).
-    logger = make_logger(recipe.tracking, recipe.name, run_id=previous) if rank_zero_only.rank == 0 else None
+    logger = None
+    if rank_zero_only.rank == 0:
+        if previous is not None and not run_exists(resolve_uri(recipe.tracking), previous):
+            log.warning("%s names MLflow run %s, which %s does not hold (checkpoints moved to another tracking "
+                        "store?): this resume starts a new run", run_file, previous,
+                        scrub_url(resolve_uri(recipe.tracking)))
+            previous = None
+        logger = make_logger(recipe.tracking, recipe.name, run_id=previous)
 
     def write_extras(folder: Path) -> None:
         (folder / CONFIG).write_text(recipe.to_yaml())

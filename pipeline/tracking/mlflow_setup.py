@@ -83,6 +83,19 @@ def make_logger(cfg: TrackingConfig, run_name: str, run_id: str | None = None) -
                                  cooldown_s=cfg.failure_cooldown_s)
 
 
+def run_exists(uri: str, run_id: str) -> bool:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient(uri).get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
 def tracking_failures(logger: Logger | None) -> int:
     """Logging calls of this run that did not reach the tracking store (0 for a logger without the wrapper)."""
     return logger.tracking.failures if isinstance(logger, ResilientMLFlowLogger) else 0

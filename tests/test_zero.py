@@ -1,0 +1,216 @@
+"""The real DeepSpeed engine over gloo with 2 CPU processes started by torchrun, against DDP.
+
+One module-scoped set of runs (DDP and ZeRO 1/2/3, 6 steps, checkpoints every 3) serves most tests: losses
+equal DDP's, sharding is real, the checkpoints resume after kill -9, on two "nodes", on another world size,
+and export to the safetensors format fine-tuning and evaluation read.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, tiny_overrides
+
+pytestmark = pytest.mark.slow
+STEPS, EVERY = 6, 3
+RUNNER = str(REPO / "tests" / "run_pretrain.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(overrides: dict, env: dict, *extra: str, nproc: int = 2, launch: tuple[str, ...] = (),
+             timeout: int = 600) -> subprocess.CompletedProcess:
+    launch = launch or ("--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+                        "--master-port", str(free_port()))
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, RUNNER, json.dumps(overrides), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def strategy_overrides(shards: Path, work: Path, stage: int | None, **extra) -> dict[str, str]:
+    """Tiny MAE, 2 x 8 samples per step; ``stage`` None is DDP."""
+    strategy = {"trainer.strategy": "ddp"} if stage is None else {"trainer.strategy": "deepspeed",
+                                                                   "zero.stage": stage}
+    return tiny_overrides(shards, work, **{"trainer.max_steps": STEPS, "checkpoint.every_n_steps": EVERY,
+                                           "checkpoint.keep_last": 5, "data.num_workers": 1,
+                                           "trainer.sample_trace": work / "trace.jsonl", **strategy, **extra})
+
+
+def traces(work: Path, name: str = "trace.jsonl") -> dict[tuple[int, int], dict]:
+    """(rank, step) -> trace record, over both ranks' files."""
+    out = {}
+    for path in work.glob(f"{Path(name).stem}.rank*.jsonl"):
+        for rec in map(json.loads, path.read_text().splitlines()):
+            out[rec["rank"], rec["step"]] = rec
+    return out
+
+
+def assert_same_losses(got: dict, want: dict, steps) -> None:
+    for rank in (0, 1):
+        for step in steps:
+            assert got[rank, step]["keys"] == want[rank, step]["keys"], f"rank {rank} step {step}: other samples"
+            assert got[rank, step]["loss"] == pytest.approx(want[rank, step]["loss"], rel=1e-5, abs=1e-6), \
+                f"rank {rank} step {step}"
+
+
+@pytest.fixture(scope="module")
+def runs(fmnist_shards, tmp_path_factory) -> dict:
+    """Work folders of uninterrupted 2-process runs: "ddp" and ZeRO stages 1, 2, 3."""
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    root = tmp_path_factory.mktemp("zero")
+    out = {}
+    for stage in (None, 1, 2, 3):
+        work = root / ("ddp" if stage is None else f"zero{stage}")
+        proc = torchrun(strategy_overrides(fmnist_shards, work, stage), env, "--engine-report",
+                        str(work / "engine"))
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        out["ddp" if stage is None else stage] = work
+    return out
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_losses_equal_ddp_and_state_is_sharded(runs, stage):
+    want, got = traces(runs["ddp"]), traces(runs[stage])
+    assert sorted(got) == sorted(want) == [(r, s) for r in (0, 1) for s in range(1, STEPS + 1)]
+    assert_same_losses(got, want, range(1, STEPS + 1))
+    reports = [json.loads((runs[stage] / f"engine.rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["stage"] == stage and r["world_size"] == 2 for r in reports)
+    total = reports[0]["total"]
+    for r in reports:  # each rank holds about half of the fp32 master weights and of both Adam moments
+        assert 0.45 * total <= r["local_master"] <= 0.55 * total + 1024, r
+        assert 0.45 * 2 * total <= r["local_moments"] <= 0.55 * 2 * total + 2048, r
+        if stage == 3:  # and, at stage 3, of the weights the module computes with
+            assert 0.45 * total <= r["local_weights"] <= 0.55 * total + 1024, r
+    assert sum(r["local_master"] for r in reports) >= total
+    ddp_report = json.loads((runs["ddp"] / "engine.rank0.json").read_text())
+    assert ddp_report["stage"] is None
+
+
+def test_killed_zero3_run_resumes_to_the_uninterrupted_losses(runs, fmnist_shards, tmp_path, child_env):
+    work = tmp_path / "killed"
+    overrides = strategy_overrides(fmnist_shards, work, 3)
+    first = torchrun(overrides, child_env, "--kill-in-checkpoint-at", str(2 * EVERY))
+    assert first.returncode != 0
+    ckpt = work / "ckpt"
+    assert (ckpt / f".step-{2 * EVERY:08d}.partial").is_dir()  # half written, never to be resumed from
+    assert sorted(p.name for p in ckpt.glob("step-*")) == [f"step-{EVERY:08d}"]
+    second = torchrun(overrides, child_env)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert f"resuming from {ckpt / f'step-{EVERY:08d}'}" in second.stderr
+    assert_same_losses(traces(work), traces(runs[3]), range(1, STEPS + 1))
+
+
+def test_two_nodes_of_one_process_equal_one_node_of_two(runs, fmnist_shards, tmp_path, child_env):
+    work = tmp_path / "nodes"
+    overrides = strategy_overrides(fmnist_shards, work, 2)
+    endpoint = f"127.0.0.1:{free_port()}"
+    cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "vitpipe-test",
+             "--local-addr", "127.0.0.1", RUNNER, json.dumps(overrides), "--engine-report", str(work / "engine")]
+            for _ in range(2)]
+    nodes = [subprocess.Popen(c, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in cmds]
+    outs = [n.communicate(timeout=600) for n in nodes]
+    for node, (_, err) in zip(nodes, outs):
+        assert node.returncode == 0, err[-4000:]
+    for rank in (0, 1):
+        report = json.loads((work / f"engine.rank{rank}.json").read_text())
+        assert (report["num_nodes"], report["world_size"], report["stage"]) == (2, 2, 2)
+    assert_same_losses(traces(work), traces(runs[2]), range(1, STEPS + 1))
+
+
+def _universal_state(state: Path) -> tuple[dict[str, torch.Tensor], set[float]]:
+    """Every parameter's fp32 weight and Adam moments, whole, and the Adam step counts, from a DeepSpeed
+    checkpoint folder (via the universal form the resharding resume itself uses)."""
+    from pipeline.distributed.reshard import ensure_universal
+
+    zero = ensure_universal(state) / "zero"
+    tensors, steps = {}, set()
+    for f in sorted(zero.glob("*/*.pt")):
+        value = torch.load(f, map_location="cpu", weights_only=False)
+        value = value["param"] if isinstance(value, dict) else value
+        if f.stem == "step":  # ZeRO 1/2 keep a step per parameter, ZeRO-3 one per group (below)
+            steps.add(float(value))
+        else:
+            tensors[f"{f.parent.name}/{f.stem}"] = value
+    groups = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    states = groups.get("optimizer_state_dict", {}).get("state", {})
+    steps |= {float(s["step"]) for s in states.values() if "step" in s}
+    return tensors, steps
+
+
+def _assert_same_training_state(saved: Path, restored: Path, step: int) -> None:
+    from pipeline.checkpoint.state import model_states_file
+
+    (want, want_steps), (got, got_steps) = _universal_state(saved), _universal_state(restored)
+    assert sorted(got) == sorted(want)
+    assert {k.rsplit("/", 1)[1] for k in want} == {"fp32", "exp_avg", "exp_avg_sq"}
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert want_steps == got_steps == {float(step)}  # Adam's bias correction goes on from the same step
+    states = [torch.load(p / "universal" / "zero" / "optimizer_state.pt", weights_only=False)
+              for p in (saved, restored)]  # ZeRO 1/2 keep the groups at the top, ZeRO-3 in the inner state
+    groups = [d.get("param_groups") or d["optimizer_state_dict"]["param_groups"] for d in states]
+    assert [g["weight_decay"] for g in groups[0]] == [0.05, 0.0]  # decayed weights; norms, biases, tokens
+    assert groups[0] == groups[1]  # every group keeps its own weight decay and learning rate
+    a, b = (torch.load(model_states_file(p), map_location="cpu", weights_only=False) for p in (saved, restored))
+    assert a["global_step"] == b["global_step"] == step
+    assert a["lr_schedulers"] == b["lr_schedulers"]  # and so does the learning-rate schedule
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_checkpoint_changes_world_size(runs, stage, fmnist_shards, tmp_path, child_env):
+    """2 -> 1 process (and back, at stage 3): weights, Adam moments, step and schedule carry over exactly."""
+    work = tmp_path / "resized"
+    shutil.copytree(runs[stage] / "ckpt", work / "ckpt")
+    base = strategy_overrides(fmnist_shards, work, stage, **{"trainer.max_steps": STEPS + 1})
+    one = torchrun(base, child_env, "--save-on-start", str(tmp_path / "on1"), nproc=1)
+    assert one.returncode == 0, one.stderr[-4000:]
+    assert "written by 2 processes, resuming on 1" in one.stderr
+    _assert_same_training_state(work / "ckpt" / f"step-{STEPS:08d}" / "state.ckpt", tmp_path / "on1", STEPS)
+    assert (work / "trace.jsonl").is_file()  # one process: a single trace file
+    if stage == 3:
+        again = {**base, "trainer.max_steps": str(STEPS + 2)}
+        two = torchrun(again, child_env, "--save-on-start", str(tmp_path / "on2"))
+        assert two.returncode == 0, two.stderr[-4000:]
+        assert "written by 1 processes, resuming on 2" in two.stderr
+        _assert_same_training_state(work / "ckpt" / f"step-{STEPS + 1:08d}" / "state.ckpt", tmp_path / "on2",
+                                    STEPS + 1)
+
+
+def test_consolidated_zero3_export_loads_strictly_and_matches_ddp(runs, tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline.checkpoint.export import export_checkpoint, load_encoder, read_metadata
+    from pipeline.models import MAE, MAEConfig
+    from pipeline.config import build
+
+    outs = {}
+    for name in ("ddp", 3):
+        out = export_checkpoint(runs[name] / "ckpt" / f"step-{STEPS:08d}", tmp_path / f"export-{name}")
+        meta = read_metadata(out)
+        mae = MAE(build(MAEConfig, {"encoder": {"size": "tiny", "depth": 2, "embed_dim": 64, "num_heads": 4,
+                                                "image_size": [16, 16], "patch_size": 4},
+                                    "decoder": {"depth": 1, "dim": 32, "num_heads": 4}}, "model"))
+        state = load_file(str(out / "mae.safetensors"))
+        state["encoder.pos_embed._extra_state"] = meta["encoder"]["pos_embed"]
+        mae.load_state_dict(state, strict=True)
+        outs[name] = (load_encoder(out).eval(), mae.eval())
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    noise = torch.rand(4, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        (enc_ddp, mae_ddp), (enc_z3, mae_z3) = outs["ddp"], outs[3]
+        assert torch.allclose(enc_z3(x), enc_ddp(x), atol=1e-5)
+        assert torch.allclose(mae_z3(x, noise)[1], mae_ddp(x, noise)[1], atol=1e-5)
