@@ -2,12 +2,14 @@
 errors name the key, overrides parse, batch arithmetic and world size, and the CLI's exit code on a typo."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from pipeline.cli import main
 from pipeline.config import ConfigError
-from pipeline.distributed import derive_batch, launcher_world_size, world_size
+from pipeline.distributed import derive_batch, launcher_layout, world_size
 from pipeline.recipe import load_recipe, parse_overrides
 from pipeline.resources import list_recipes
 from pipeline.tasks import MAEPretrainTask, Schedule
@@ -243,19 +245,71 @@ def test_derive_batch_rejects_non_divisible(global_batch, world):
 
 
 def test_world_size_from_env():
-    assert world_size(8, 4, env={"WORLD_SIZE": "16"}) == 16
-    assert world_size(8, 4, env={"WORLD_SIZE": "16", "SLURM_NTASKS": "64", "SLURM_STEP_ID": "0"}) == 16
-    assert world_size(8, 4, env={"SLURM_NTASKS": "64", "SLURM_STEP_ID": "0"}) == 64
+    # torchrun: WORLD_SIZE over LOCAL_WORLD_SIZE processes per node
+    assert world_size(8, 4, env={"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}) == 16
+    assert world_size(8, 4, env={"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "SLURM_NTASKS": "64",
+                                 "SLURM_STEP_ID": "0"}) == 16
+    assert world_size(8, 4, env={"SLURM_NTASKS": "64", "SLURM_NNODES": "8", "SLURM_STEP_ID": "0"}) == 64
     # SLURM_NTASKS alone is the allocation (sbatch), not a launched step: fall back to the recipe.
     assert world_size(8, 4, env={"SLURM_NTASKS": "64"}) == 32
+    # Lightning's own launcher gives its children WORLD_SIZE alone: the recipe's layout stands.
+    assert world_size(8, 4, env={"WORLD_SIZE": "32", "LOCAL_RANK": "3"}) == 32
     assert world_size(8, 4, env={}) == 32
     assert world_size(1, 1, env={}) == 1
-    assert launcher_world_size({}) is None
-    assert launcher_world_size({"SLURM_NTASKS": "4", "SLURM_STEP_ID": "1"}) == 4
+
+
+@pytest.mark.parametrize("env, layout", [
+    ({}, None),
+    ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}, (2, 2, "torchrun")),
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "RANK": "1"}, (1, 2, "torchrun")),
+    ({"SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_STEP_ID": "0"}, (4, 2, "slurm")),
+    ({"SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"}, (4, 1, "slurm")),
+    # Kubeflow PyTorchJob without torchrun: one process per pod
+    ({"WORLD_SIZE": "3", "RANK": "0", "MASTER_ADDR": "job-master-0"}, (1, 3, "kubeflow")),
+])
+def test_launcher_layout(env, layout):
+    found = launcher_layout(env)
+    assert (found if found is None else (found.devices, found.num_nodes, found.launcher)) == layout
+
+
+@pytest.mark.parametrize("env, problem", [
+    ({"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "2"}, "not a multiple"),
+    ({"SLURM_NTASKS": "5", "SLURM_NNODES": "2", "SLURM_STEP_ID": "0"}, "--ntasks-per-node"),
+    ({"WORLD_SIZE": "two", "LOCAL_WORLD_SIZE": "1"}, "WORLD_SIZE='two'"),
+])
+def test_launcher_layout_errors_name_the_variable(env, problem):
+    with pytest.raises(ValueError, match=problem):
+        launcher_layout(env)
+
+
+def test_slurm_master_address_is_the_first_nodes_nodeaddr(tmp_path, monkeypatch):
+    """Parsing only (a stand-in scontrol prints a real line); the Slurm cluster tests run the real one."""
+    from pipeline.distributed.environment import SlurmNodeAddrEnvironment
+
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text("#!/bin/sh\necho 'NodeName=$4 Arch=x86_64 CoresPerSocket=1 NodeAddr=127.0.0.1 "
+                        "NodeHostName=n1 Port=6818 State=IDLE'\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    for key, value in {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "2",
+                       "SLURM_NODELIST": "n[1-2]", "SLURM_JOB_NAME": "vitpipe",
+                       "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert SlurmNodeAddrEnvironment(auto_requeue=False).main_address == "127.0.0.1"
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1"
+
+
+def test_large_recipes_train_under_deepspeed():
+    for kind in ("mae", "finetune"):
+        for size in ("vit_base16", "vit_large16", "vit_huge14"):
+            recipe = load_recipe(f"{kind}/{size}")
+            assert recipe.trainer.strategy == "deepspeed" and recipe.zero.stage in (2, 3), f"{kind}/{size}"
 
 
 def test_world_size_reads_os_environ_by_default(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "6")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     assert world_size(1, 1) == 6
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("SLURM_NTASKS", raising=False)

@@ -29,12 +29,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(overrides: dict, env: dict, *extra: str, nproc: int = 2, launch: tuple[str, ...] = (),
-             timeout: int = 600) -> subprocess.CompletedProcess:
-    launch = launch or ("--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-                        "--master-port", str(free_port()))
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, RUNNER, json.dumps(overrides), *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+def torchrun(overrides: dict, env: dict, *extra: str, nproc: int = 2,
+             program: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``nproc`` processes on this node running the test runner with ``overrides`` (or ``program``)."""
+    launch = ("--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(free_port()))
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, *(program or (RUNNER, json.dumps(overrides))),
+           *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def strategy_overrides(shards: Path, work: Path, stage: int | None, **extra) -> dict[str, str]:
@@ -214,3 +215,64 @@ def test_consolidated_zero3_export_loads_strictly_and_matches_ddp(runs, tmp_path
         (enc_ddp, mae_ddp), (enc_z3, mae_z3) = outs["ddp"], outs[3]
         assert torch.allclose(enc_z3(x), enc_ddp(x), atol=1e-5)
         assert torch.allclose(mae_z3(x, noise)[1], mae_ddp(x, noise)[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe, params", [("mae/vit_large16", 329e6), ("mae/vit_huge14", 657e6)])
+def test_large_mae_trains_under_zero3_on_two_processes(recipe, params, fmnist_shards, tmp_path, child_env):
+    """The paper-size recipes, as written but for CPU, fp32, 1 image per process and no checkpoint (GBs)."""
+    work = tmp_path / "large"
+    overrides = {
+        "trainer.accelerator": "cpu", "trainer.precision": "32-true", "trainer.strategy": "deepspeed",
+        "zero.stage": "3", "trainer.global_batch": "2", "trainer.micro_batch": "1", "trainer.max_epochs": "null",
+        "trainer.max_steps": "2", "optim.warmup_steps": "1", "trainer.sample_trace": str(work / "trace.jsonl"),
+        "data.train": str(fmnist_shards / "train"), "data.val": str(fmnist_shards / "val"),
+        "data.num_workers": "1", "checkpoint.enabled": "false", "checkpoint.dir": str(work / "ckpt"),
+        "tracking.uri": f"sqlite:///{work / 'mlflow.db'}", "tracking.recon_every_n_steps": "0",
+        "tracking.system_metrics_every_n_steps": "0", "register.name": "null",
+    }
+    proc = torchrun(overrides, child_env, "--recipe", recipe, "--engine-report", str(work / "engine"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = traces(work)
+    assert sorted(got) == [(r, s) for r in (0, 1) for s in (1, 2)]
+    assert all(0 < rec["loss"] < 10 and len(rec["keys"]) == 1 for rec in got.values())
+    for rank in (0, 1):
+        report = json.loads((work / f"engine.rank{rank}.json").read_text())
+        assert report["stage"] == 3 and report["total"] == pytest.approx(params, rel=0.01)
+        assert 0.45 * report["total"] <= report["local_weights"] <= 0.55 * report["total"] + 1024
+    assert not (work / "ckpt").exists()
+
+
+def test_finetune_under_zero3_evaluates_and_registers_the_trained_weights(runs, fmnist_shards, tmp_path,
+                                                                          child_env, monkeypatch):
+    """The classifier is read back from the sharded checkpoint: no process holds all of it in memory."""
+    from mlflow import MlflowClient
+
+    from pipeline.checkpoint.export import export_checkpoint, load_classifier
+    from pipeline.checkpoint.state import read_module_state, submodule_state
+    from pipeline.recipe import load_recipe
+    from pipeline.registry import resolve_model
+    from pipeline.stages.finetune import held_out_top1
+
+    monkeypatch.setenv("VITPIPE_CACHE", str(tmp_path / "cache"))
+    init = export_checkpoint(runs[3] / "ckpt" / f"step-{STEPS:08d}", tmp_path / "init")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = {"model.init": str(init), "model.image_size": "[16, 16]", "model.eval_limit": "200",
+                 "data.train": str(fmnist_shards / "train"), "data.val": str(fmnist_shards / "val"),
+                 "data.num_workers": "1", "trainer.global_batch": "16", "trainer.max_steps": "4",
+                 "trainer.strategy": "deepspeed", "zero.stage": "3", "optim.warmup_steps": "1",
+                 "checkpoint.dir": str(tmp_path / "ft"), "tracking.uri": uri, "register.name": "clf",
+                 "register.alias": "x"}
+    flags = [f"--{k}={v}" for k, v in overrides.items()]
+    proc = torchrun({}, child_env, program=("-m", "pipeline.cli", "finetune", "--config", "finetune/tiny_fmnist",
+                                            *flags))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "held-out top-1" in proc.stdout
+
+    ref = resolve_model("models:/clf@x", uri)
+    model = load_classifier(ref.folder)
+    trained = submodule_state(read_module_state(tmp_path / "ft" / "step-00000004" / "state.ckpt"))
+    for name, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, trained[name]), name
+    top1 = MlflowClient(uri).get_run(ref.run_id).data.metrics["val/top1"]
+    assert held_out_top1(model, load_recipe("finetune/tiny_fmnist", overrides))[0] == pytest.approx(top1)

@@ -126,15 +126,16 @@ def resolve_model(uri: str, tracking_uri: str) -> ModelRef:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=root))  # moved into place only when whole
         try:
-            # A models:/ URI downloads the version's files into dst_path itself (no extra folder level).
-            download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(tmp),
-                               tracking_uri=tracking_uri)
+            # The version's source (the run's export/ artifacts), not models:/...: MLflow 3.17 resolves a
+            # models:/ URI partly through the process-wide default registry, whatever registry_uri says.
+            local = Path(download_artifacts(artifact_uri=mv.source, dst_path=str(tmp), tracking_uri=tracking_uri))
         except (MlflowException, OSError) as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise ModelError(f"{uri}: cannot download version {mv.version} from {mv.source}: {err}") from None
         shutil.rmtree(folder, ignore_errors=True)
-        (tmp / ".complete").touch()
-        tmp.rename(folder)
+        (local / ".complete").touch()
+        local.rename(folder)
+        shutil.rmtree(tmp, ignore_errors=True)
     return _checked(ModelRef(uri, folder, mv.name, str(mv.version), dict(mv.tags)))
 
 
