@@ -7,15 +7,23 @@ from typing import Any, Literal
 
 @dataclass
 class ZeroConfig:
-    """DeepSpeed ZeRO settings, used when ``trainer.strategy`` is ``deepspeed``."""
+    """DeepSpeed ZeRO settings, used when ``trainer.strategy`` is ``deepspeed``. Sizes count elements."""
 
     stage: Literal[1, 2, 3] = 2
+    """1: optimizer state sharded over the ranks; 2: and gradients; 3: and the weights."""
     offload_optimizer: bool = False
     offload_parameters: bool = False
     allgather_bucket_size: int = 200_000_000
     reduce_bucket_size: int = 200_000_000
     overlap_comm: bool = True
     contiguous_gradients: bool = True
+    sub_group_size: int = 1_000_000_000
+    """The optimizer steps each rank's partition in groups of this size: smaller groups, smaller temporaries."""
+    stage3_max_live_parameters: int = 1_000_000_000
+    """ZeRO-3: most gathered parameters held at once."""
+    stage3_max_reuse_distance: int = 1_000_000_000
+    """ZeRO-3: keep a gathered parameter if it is used again within this many; 0 frees every one after use."""
+    stage3_prefetch_bucket_size: int = 50_000_000
 
 
 def build_strategy(name: str, zero: ZeroConfig) -> Any:
@@ -23,11 +31,17 @@ def build_strategy(name: str, zero: ZeroConfig) -> Any:
     if name == "deepspeed":
         from .zero import ZeroStrategy
 
-        return ZeroStrategy(stage=zero.stage, offload_optimizer=zero.offload_optimizer,
-                            offload_parameters=zero.offload_parameters,
-                            allgather_bucket_size=zero.allgather_bucket_size,
-                            reduce_bucket_size=zero.reduce_bucket_size, overlap_comm=zero.overlap_comm,
-                            contiguous_gradients=zero.contiguous_gradients)
+        strategy = ZeroStrategy(stage=zero.stage, offload_optimizer=zero.offload_optimizer,
+                                offload_parameters=zero.offload_parameters,
+                                allgather_bucket_size=zero.allgather_bucket_size,
+                                reduce_bucket_size=zero.reduce_bucket_size, overlap_comm=zero.overlap_comm,
+                                contiguous_gradients=zero.contiguous_gradients, sub_group_size=zero.sub_group_size)
+        if zero.stage == 3:  # keys Lightning's constructor does not take
+            strategy.config["zero_optimization"].update(
+                stage3_max_live_parameters=zero.stage3_max_live_parameters,
+                stage3_max_reuse_distance=zero.stage3_max_reuse_distance,
+                stage3_prefetch_bucket_size=zero.stage3_prefetch_bucket_size)
+        return strategy
     if name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 

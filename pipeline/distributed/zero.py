@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Optional
 
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.strategies.deepspeed import _validate_device_index_selection
-from lightning.fabric.utilities.seed import reset_seed
 
 from .reshard import UNIVERSAL_TAG, ensure_universal, repair_stage3_universal_load, saved_world_size
 
@@ -50,7 +49,7 @@ class ZeroStrategy(DeepSpeedStrategy):
             lr_scheduler=lr_scheduler, dist_init_required=False)
         return engine, ds_optimizer
 
-    def _device_rank(self) -> Optional[int]:
+    def _device_rank(self) -> int | None:
         # A CUDA device has an index; a CPU process is told its local rank instead of None.
         index = self.root_device.index
         return self.local_rank if index is None else index

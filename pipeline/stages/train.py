@@ -126,11 +126,12 @@ def fit(recipe: RunRecipe, plan: RunPlan, task: L.LightningModule, callbacks: Se
         num_sanity_val_steps=0, enable_model_summary=False, deterministic=False,
     )
     if trainer.is_global_zero:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        (ckpt_root / CONFIG).write_text(recipe.to_yaml())
         if previous is None:
             _start_run(logger, recipe, plan.datamodule, run_tags or {})
-        run_file.write_text(json.dumps({"run_id": logger.run_id}))
+        if recipe.checkpoint.enabled:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            (ckpt_root / CONFIG).write_text(recipe.to_yaml())
+            run_file.write_text(json.dumps({"run_id": logger.run_id}))
     if plan.resume_from is not None:
         _warn_changed_config(plan.resume_from, recipe)
         log.warning("resuming from %s", plan.resume_from)
