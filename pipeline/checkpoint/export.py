@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import build, digest, to_dict
 from ..models import MAE, MAEConfig, ViTConfig, ViTEncoder
+from ..models.mae import DecoderConfig
 from ..models.classifier import ViTClassifier
 from .state import read_module_state, submodule_state
 from .store import CONFIG, MARKER, STATE
@@ -65,7 +66,7 @@ def write_export(out: str | Path, encoder: ViTEncoder, mae: MAE | None = None,
     if mae is not None:
         save_file(_tensors(mae), str(out / "mae.safetensors"))
         meta["mae"] = {"decoder": to_dict(mae.cfg.decoder), "mask_ratio": mae.cfg.mask_ratio,
-                       "norm_pix_loss": mae.cfg.norm_pix_loss}
+                       "norm_pix_loss": mae.cfg.norm_pix_loss, "encoder_mask_tokens": mae.cfg.encoder_mask_tokens}
     meta["normalisation"] = normalisation or {"mean": None, "std": None}
     meta.update(extra or {})
     (out / "metadata.json").write_text(json.dumps(meta, indent=1))
@@ -101,6 +102,26 @@ def load_encoder(folder: str | Path, image_size: tuple[int, int] | None = None) 
     state["pos_embed._extra_state"] = pos  # the recorded grid drives any resampling
     encoder.load_state_dict(state)
     return encoder
+
+
+def load_mae(folder: str | Path) -> MAE:
+    """Rebuild the full MAE of an export (decoder included) and load its weights strictly."""
+    meta = read_metadata(folder)
+    if "mae" not in meta:
+        raise ValueError(f"{folder}: an encoder-only export (no mae.safetensors)")
+    enc = meta["encoder"]
+    cfg = MAEConfig(encoder=encoder_config(enc), decoder=build(DecoderConfig, meta["mae"]["decoder"], "decoder"),
+                    mask_ratio=meta["mae"]["mask_ratio"], norm_pix_loss=meta["mae"]["norm_pix_loss"],
+                    encoder_mask_tokens=meta["mae"].get("encoder_mask_tokens", False))
+    mae = MAE(cfg)
+    if not enc.get("final_norm", True):
+        mae.encoder.norm = torch.nn.Identity()
+    state = load_file(str(Path(folder) / "mae.safetensors"))
+    # position-embedding metadata: the encoder's as recorded, the decoder's fixed sin-cos as built
+    state["encoder.pos_embed._extra_state"] = enc["pos_embed"]
+    state["decoder_pos_embed._extra_state"] = mae.decoder_pos_embed.meta()
+    mae.load_state_dict(state)
+    return mae
 
 
 def write_classifier_export(out: str | Path, model: ViTClassifier, normalisation: dict[str, Any] | None,
