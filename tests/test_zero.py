@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, tiny_overrides
 
 pytestmark = pytest.mark.slow

@@ -13,6 +13,8 @@ from typing import Any
 
 import fsspec
 
+from .storage import bucket_exists, explain, is_object_store
+
 FORMAT = "vitpipe.shards/1"
 MANIFEST_NAME = "manifest.json"
 
@@ -76,8 +78,12 @@ def load_manifest(url: str) -> Manifest:
     try:
         with fsspec.open(target, "r") as f:
             raw = json.load(f)
-    except FileNotFoundError:
+    except FileNotFoundError as err:
+        if is_object_store(target) and bucket_exists(target) is False:
+            raise explain(target, err, "reading the shard manifest") from None
         raise ManifestError(f"{target}: no shard manifest here (run `vitpipe shard` or `vitpipe shard index`)") from None
+    except PermissionError as err:
+        raise explain(target, err, "reading the shard manifest") from None
     except json.JSONDecodeError as err:
         raise ManifestError(f"{target}: not valid JSON ({err})") from None
     if raw.get("format") != FORMAT:

@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 import fsspec
 
 from .manifest import Manifest, ShardInfo
+from .storage import probe_write
 from .tar_io import iter_raw_samples, sha256_of, write_shard
 
 _SOURCE: Any = None  # set in each worker process by _init_worker
@@ -44,6 +45,7 @@ def write_split(source: Any, items: Sequence[Any], out_url: str, split: str, sha
     if shard_size < 1:
         raise ValueError("shard_size must be >= 1")
     out_url = out_url.rstrip("/")
+    probe_write(out_url, "writing shards")  # refused writes fail before any image is read
     fs, path = fsspec.core.url_to_fs(out_url)
     fs.makedirs(path, exist_ok=True)
     chunks = [items[i: i + shard_size] for i in range(0, len(items), shard_size)]

@@ -1,0 +1,76 @@
+"""Shards in a real S3 store (SeaweedFS): written by `vitpipe shard`, streamed by pretraining, and the
+errors a user gets when the store refuses, all before any training step."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, tiny_overrides
+from s3_server import s3_server  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.slow
+SHARDS = "s3://vitpipe-shards/fmnist"
+
+
+def vitpipe(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def env_for(server, identity: str = "admin", **kw) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), **server.env(identity, **kw)}
+
+
+@pytest.fixture(scope="module")
+def s3_shards(s3_server, tmp_path_factory) -> str:  # noqa: F811
+    """All of Fashion-MNIST sharded into a new bucket through the CLI, as a user would."""
+    out = vitpipe(["shard", "--fashion-mnist", "--out", SHARDS, "--shard-size", "5000"], env_for(s3_server),
+                  tmp_path_factory.mktemp("shard"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"train: 60000 samples in 12 shards -> {SHARDS}/train/manifest.json" in out.stdout
+    return SHARDS
+
+
+def _pretrain_flags(work: Path, **extra) -> list[str]:
+    o = tiny_overrides(Path("/unused"), work, **{"data.train": f"{SHARDS}/train", "data.val": f"{SHARDS}/val",
+                                                 "trainer.max_steps": 4, "data.num_workers": 2,
+                                                 "trainer.sample_trace": work / "trace.jsonl", **extra})
+    return ["pretrain", "--config", "mae/tiny_fmnist", *(f"--{k}={v}" for k, v in o.items())]
+
+
+def test_pretrain_streams_shards_from_s3(s3_server, s3_shards, tmp_path):  # noqa: F811
+    out = vitpipe(_pretrain_flags(tmp_path), env_for(s3_server, "reader"), tmp_path)  # reading needs no more
+    assert out.returncode == 0, out.stderr[-3000:]
+    trace = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in trace] == [1, 2, 3, 4]
+    keys = [k for r in trace for k in r["keys"]]
+    assert len(keys) == 4 * 16 == len(set(keys)) and all(k.startswith("train-0000") for k in keys)
+    assert (tmp_path / "ckpt" / "step-00000004" / "COMPLETE").is_file()
+
+
+def test_wrong_secret_is_named_before_training(s3_server, s3_shards, tmp_path):  # noqa: F811
+    out = vitpipe(_pretrain_flags(tmp_path), env_for(s3_server, secret="not-the-secret"), tmp_path)
+    assert out.returncode == 2
+    msg = out.stderr.strip().splitlines()[-1]
+    assert f"{SHARDS}/train/manifest.json: reading the shard manifest was denied by {s3_server.endpoint}" in msg
+    assert "bucket 'vitpipe-shards'" in msg and "vitpipe-admin" in msg and "not-the-secret" not in out.stderr
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_missing_bucket_is_named(s3_server, s3_shards, tmp_path):  # noqa: F811
+    flags = _pretrain_flags(tmp_path, **{"data.train": "s3://no-such-bucket/fmnist/train"})
+    out = vitpipe(flags, env_for(s3_server), tmp_path)
+    assert out.returncode == 2
+    assert f"bucket 'no-such-bucket' does not exist at {s3_server.endpoint}" in out.stderr
+
+
+def test_read_only_key_cannot_write_shards(s3_server, s3_shards, tmp_path):  # noqa: F811
+    out = vitpipe(["shard", "--fashion-mnist", "--out", "s3://vitpipe-shards/again"],
+                  env_for(s3_server, "reader"), tmp_path)
+    assert out.returncode == 2
+    assert ("s3://vitpipe-shards/again/train: writing shards was denied by "
+            f"{s3_server.endpoint}, bucket 'vitpipe-shards' (credentials: vitpipe-reader)") in out.stderr
