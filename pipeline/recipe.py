@@ -10,6 +10,7 @@ import yaml
 from .checkpoint import CheckpointConfig
 from .config import ConfigError, apply_overrides, build, digest, to_dict
 from .data import StreamConfig
+from .data.storage import StorageConfig
 from .distributed import ZeroConfig
 from .models import MAEConfig
 from .resources import find_recipe
@@ -66,6 +67,7 @@ class RunRecipe:
     task: str = ""
     seed: int = 0
     data: StreamConfig = field(default_factory=StreamConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

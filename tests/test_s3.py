@@ -74,3 +74,29 @@ def test_read_only_key_cannot_write_shards(s3_server, s3_shards, tmp_path):  # n
     assert out.returncode == 2
     assert ("s3://vitpipe-shards/again/train: writing shards was denied by "
             f"{s3_server.endpoint}, bucket 'vitpipe-shards' (credentials: vitpipe-reader)") in out.stderr
+
+
+def test_recipe_storage_options_reference_the_environment(s3_server, s3_shards, tmp_path):  # noqa: F811
+    """No AWS_* variables at all: endpoint and key come from the recipe, the secret through a reference."""
+    aws = s3_server.env("reader")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(PYTHONPATH=str(REPO), TEAM_S3_SECRET=aws["AWS_SECRET_ACCESS_KEY"], NO_PROXY="127.0.0.1")
+    storage = (f'{{endpoint_url: "{s3_server.endpoint}", key: {aws["AWS_ACCESS_KEY_ID"]}, '
+               'secret: "${TEAM_S3_SECRET}", client_kwargs: {region_name: us-east-1}}')
+    out = vitpipe([*_pretrain_flags(tmp_path, **{"trainer.max_steps": 2}), f"--storage.s3={storage}"], env, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "ckpt" / "step-00000002" / "COMPLETE").is_file()
+
+
+def test_literal_secrets_and_unset_references_are_refused(monkeypatch):
+    from pipeline.config import ConfigError
+    from pipeline.data.storage import StorageConfig, apply_storage
+    from pipeline.recipe import load_recipe
+
+    with pytest.raises(ConfigError, match=r"storage: s3.secret: a literal secret in a recipe is refused"):
+        load_recipe("mae/tiny_fmnist", {"storage.s3": "{secret: hunter2}"})
+    with pytest.raises(ConfigError, match=r"s3.client_kwargs.aws_session_token: a literal secret"):
+        load_recipe("mae/tiny_fmnist", {"storage.s3": "{client_kwargs: {aws_session_token: abc}}"})
+    monkeypatch.delenv("VITPIPE_UNSET_SECRET", raising=False)
+    with pytest.raises(ValueError, match="storage.s3.secret: environment variable VITPIPE_UNSET_SECRET is not set"):
+        apply_storage(StorageConfig(s3={"secret": "${VITPIPE_UNSET_SECRET}"}))

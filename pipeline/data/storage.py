@@ -1,14 +1,62 @@
-"""Object-storage errors that say where and what: the endpoint, the bucket, the operation refused.
+"""Object storage: the recipe's storage options, and errors that say where and what (the endpoint, the
+bucket, the operation refused).
 
 Any fsspec URL works wherever vitpipe takes a path (``s3://`` through s3fs). Endpoint and credentials come
 from the standard AWS environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``,
-``AWS_PROFILE``), never from a recipe. What this module adds is the message a user needs when the store
-says no, raised before training starts.
+``AWS_PROFILE``) or from a recipe's ``storage`` section, whose secrets must be ``${ENV}`` references.
 """
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlparse
+
+import fsspec.config
+
+from ..tracking.secrets import ENV_REFERENCE, is_secret_key
+
+_NAME = re.compile(r"^\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?$")
+
+
+@dataclass
+class StorageConfig:
+    """fsspec options for object storage, per protocol, applied to every filesystem the run opens, e.g.
+    ``s3: {endpoint_url: "${S3_ENDPOINT}", key: "${S3_KEY}", secret: "${S3_SECRET}"}``. A value is literal or
+    a ``${NAME}`` reference to an environment variable; secret-looking options must be references."""
+
+    s3: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, value in _leaves(self.s3, "s3"):
+            if is_secret_key(key.rsplit(".", 1)[-1]) and not (isinstance(value, str) and ENV_REFERENCE.match(value)):
+                raise ValueError(f"{key}: a literal secret in a recipe is refused (recipes are logged and shared); "
+                                 f"write a reference to an environment variable such as \"${{S3_SECRET}}\"")
+
+
+def _leaves(d: dict[str, Any], prefix: str):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}.{k}")
+        else:
+            yield f"{prefix}.{k}", v
+
+
+def _expand(value: Any, where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, str) and (m := _NAME.match(value)):
+        if m.group(1) not in os.environ:
+            raise ValueError(f"{where}: environment variable {m.group(1)} is not set")
+        return os.environ[m.group(1)]
+    return value
+
+
+def apply_storage(cfg: StorageConfig) -> None:
+    """Make the options the defaults of every s3 filesystem this process (and its forked workers) opens."""
+    if cfg.s3:
+        fsspec.config.conf["s3"] = {**fsspec.config.conf.get("s3", {}), **_expand(cfg.s3, "storage.s3")}
 
 
 class StorageError(ValueError):
@@ -21,7 +69,10 @@ def is_object_store(url: str) -> bool:
 
 def endpoint(url: str) -> str:
     if urlparse(url).scheme in ("s3", "s3a"):
-        return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3 (default)"
+        configured = fsspec.config.conf.get("s3", {})
+        return (configured.get("endpoint_url") or configured.get("client_kwargs", {}).get("endpoint_url")
+                or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                or "AWS S3 (default)")
     return urlparse(url).scheme
 
 
@@ -41,7 +92,8 @@ def explain(url: str, err: BaseException, operation: str) -> StorageError:
     bucket = urlparse(url).netloc
     where = f"{endpoint(url)}, bucket '{bucket}'"
     if isinstance(err, PermissionError):
-        key = os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE") or "no key set"
+        key = (fsspec.config.conf.get("s3", {}).get("key") or os.environ.get("AWS_ACCESS_KEY_ID")
+               or os.environ.get("AWS_PROFILE") or "no key set")
         return StorageError(f"{url}: {operation} was denied by {where} (credentials: {key}). Check "
                             "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and what that key may do")
     if isinstance(err, FileNotFoundError) and bucket_exists(url) is False:

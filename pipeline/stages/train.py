@@ -21,6 +21,7 @@ from ..checkpoint import CommittedCheckpoint, latest_complete, resolve_resume
 from ..checkpoint.store import CONFIG, RUN_ID, STATE
 from ..config import flatten
 from ..data.datamodule import ShardDataModule
+from ..data.storage import apply_storage
 from ..distributed import build_strategy, cluster_environment, derive_batch, resolve_layout, world_size
 from ..recipe import RunRecipe
 from ..registry.lineage import MANIFEST, MANIFEST_HASH, RECIPE_HASH, code_version
@@ -75,6 +76,7 @@ def plan_schedule(recipe: RunRecipe, num_samples: int, world: int) -> tuple[Sche
 
 def plan_run(recipe: RunRecipe, resume: str | None) -> RunPlan:
     L.seed_everything(recipe.seed, workers=True, verbose=False)
+    apply_storage(recipe.storage)  # before the first URL is opened (the manifest, just below)
     world = world_size(recipe.trainer.devices, recipe.trainer.num_nodes)
     resume_from = resolve_resume(resume, Path(recipe.checkpoint.dir))
     datamodule = ShardDataModule(recipe.data, batch_size=1, seed=recipe.seed)
