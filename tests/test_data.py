@@ -609,3 +609,19 @@ def test_mae_transform_accepts_grayscale_pil_image():
     t = MAETrainTransform(TransformConfig(image_size=(16, 16)))
     gray = noise_image(np.random.default_rng(6), size=(28, 28), mode="L")
     assert t(gray, random.Random(0)).shape == (3, 16, 16)
+
+
+def test_read_segment_skips_a_truncated_shard_without_retrying(tmp_path):
+    """A corrupt object is permanent: its unread samples come back as None at once, no retry waits."""
+    from pipeline.data.tar_io import ReadRetry, read_segment, write_shard
+
+    url = str(tmp_path / "s.tar")
+    write_shard(url, ({"__key__": f"{i:03d}", "txt": b"x" * 2000} for i in range(10)))
+    data = (tmp_path / "s.tar").read_bytes()
+    (tmp_path / "s.tar").write_bytes(data[: len(data) // 2])  # cut inside the 5th or so member
+    waits: list[float] = []
+    got = list(read_segment(url, 1, 8, ReadRetry(retries=3), sleep=waits.append))
+    assert len(got) == 8 and waits == []
+    read = [s["__key__"] for s in got if s is not None]
+    assert read == [f"{i:03d}" for i in range(1, 1 + len(read))] and 0 < len(read) < 8
+    assert all(s is None for s in got[len(read):])

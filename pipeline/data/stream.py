@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .plan import EpochPlan, Segment, consumed_per_worker
-from .tar_io import iter_raw_samples
+from .tar_io import ReadRetry, read_segment
 from .transforms import MAETrainTransform, TransformConfig, open_image
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class StreamConfig:
     """Samples are permuted within windows of this many consecutive samples of a worker's share."""
     num_workers: int = 2
     transform: TransformConfig = field(default_factory=TransformConfig)
+    read: ReadRetry = field(default_factory=ReadRetry)
 
 
 def image_bytes(sample: dict[str, Any]) -> bytes:
@@ -92,21 +93,8 @@ class ShardStream(IterableDataset):
             if skip >= len(seg):
                 skip -= len(seg)
                 continue
-            first, n = seg.start + skip, len(seg) - skip
+            yield from read_segment(self.urls[seg.shard], seg.start + skip, len(seg) - skip, self.cfg.read)
             skip = 0
-            url, got = self.urls[seg.shard], 0
-            try:
-                for i, sample in enumerate(iter_raw_samples(url)):
-                    if i < first:
-                        continue
-                    if got == n:
-                        break
-                    got += 1
-                    yield sample
-            except Exception as err:  # truncated or corrupt tar: count what is missing, keep going
-                log.warning("shard %s unreadable after %d samples of its segment: %s", url, got, err)
-            for _ in range(n - got):
-                yield None
 
     def _decode(self, sample: dict[str, Any] | None, epoch: int) -> tuple[str, Any]:
         if sample is None:
