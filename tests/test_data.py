@@ -454,7 +454,8 @@ def test_stream_resume_matches_uninterrupted(fmnist_train, num_workers, k):
     assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["consumed"] == 0
 
 
-def test_stream_changed_fingerprint_restarts_epoch(fmnist_train, caplog):
+def test_stream_layout_change_continues_the_epoch_without_repeats(fmnist_train, caplog):
+    """Resumed with another worker count: the rest of the epoch is what the first layout had not delivered."""
     manifest, _ = fmnist_train
     batch = 64
 
@@ -463,18 +464,37 @@ def test_stream_changed_fingerprint_restarts_epoch(fmnist_train, caplog):
         return StreamLoader(ds, num_workers=num_workers, epoch_fn=lambda: 0)
 
     first = fresh(2)
-    take(first, limit=5)
+    before = [k for keys in keys_of(take(first, limit=5)) for k in keys]
     state = first.state_dict()
     assert state["consumed"] == 5
-    reference = take(fresh(0))
 
     changed = fresh(0)
     with caplog.at_level(logging.WARNING, logger="pipeline.data.stream"):
         changed.load_state_dict(state)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "pipeline.data.stream"]
     assert len(warnings) == 1 and "num_workers" in warnings[0].getMessage()
-    restarted = take(changed)
-    assert keys_of(restarted) == keys_of(reference)  # the whole epoch, from its first batch
+    rest = take(changed)
+    after = [k for keys in keys_of(rest) for k in keys]
+    seen = before + after
+    assert len(seen) == len(set(seen))  # nothing twice within the epoch
+    # all of it but what one batch cannot hold at the end (as every epoch drops)
+    assert manifest.num_samples - batch < len(seen) <= manifest.num_samples
+    assert len(changed) == 5 + len(rest)  # the training loop's count for the epoch runs on, not from zero
+    assert changed.state_dict()["epoch"] == 1  # and the epoch ends where the loop expects
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 3), (4, 2)])
+def test_plan_after_a_world_size_change_deals_out_only_the_unseen(before, after):
+    from pipeline.data.plan import EpochPlan, Phase
+
+    sizes, batch, workers, window = (300, 300, 250, 170), 8, 2, 50
+    first = EpochPlan(sizes, 3, 7, before, batch)
+    seen = first.consumed_positions(11, workers, window)
+    assert len(seen) == before * 11 * batch == len(set(seen))
+    then = EpochPlan(sizes, 3, 7, after, batch, phases=(Phase(before, batch, workers, window, 11),))
+    rest = then.consumed_positions(then.batches_per_rank, workers, window)  # all of the rest
+    assert not set(rest) & set(seen) and len(rest) == len(set(rest))
+    assert then.total - after * batch < len(seen) + len(rest) <= then.total
 
 
 # ------------------------------------------------------------------------------------- corrupt samples

@@ -51,3 +51,28 @@ def test_killed_and_resumed_run_matches_uninterrupted(fmnist_shards, tmp_path, c
     # no sample is seen twice within the epoch
     keys = [k for s in range(1, 17) for k in got[s]["keys"]]
     assert len(keys) == len(set(keys)) == 16 * 16
+
+
+def test_resume_on_fewer_processes_finishes_the_epoch_without_repeats(fmnist_shards, tmp_path, child_env):
+    """2 DDP processes stop mid-epoch; 1 process resumes: epoch 0 holds all 2,000 samples, each once."""
+    import sys
+
+    def cli(extra: dict, trace: str) -> subprocess.CompletedProcess:
+        o = tiny_overrides(fmnist_shards, tmp_path, **{"data.num_workers": 1, "checkpoint.every_n_steps": 20,
+                                                       "trainer.sample_trace": tmp_path / trace, **extra})
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", "pretrain", "--config", "mae/tiny_fmnist",
+                               *(f"--{k}={v}" for k, v in o.items())], env=child_env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+
+    first = cli({"trainer.strategy": "ddp", "trainer.devices": 2, "trainer.max_steps": 40}, "two.jsonl")
+    assert first.returncode == 0, first.stderr[-3000:]
+    # 2,000 samples / 16 per step = 125 steps in epoch 0: 40 on two processes, the other 85 on one
+    second = cli({"trainer.devices": 1, "trainer.max_steps": 125}, "one.jsonl")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "the rest of epoch 0 is dealt out anew" in second.stderr
+    records = [json.loads(line) for name in ("two.rank0.jsonl", "two.rank1.jsonl", "one.jsonl")
+               for line in (tmp_path / name).read_text().splitlines()]
+    assert {r["epoch"] for r in records} == {0}
+    assert sorted({r["step"] for r in records}) == list(range(1, 126))
+    keys = [k for r in records for k in r["keys"]]
+    assert len(keys) == len(set(keys)) == 2000

@@ -10,7 +10,7 @@ worker i % K: this is what makes a resume at the same world size and worker coun
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,18 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Phase:
+    """A stretch of an epoch read under one layout before a resume changed it: every rank had used
+    ``consumed`` batches of ``batch_size``, read by ``num_workers`` workers with shuffle windows ``window``."""
+
+    world_size: int
+    batch_size: int
+    num_workers: int
+    window: int
+    consumed: int
+
+
+@dataclass(frozen=True)
 class EpochPlan:
     shard_sizes: tuple[int, ...]
     epoch: int
@@ -33,14 +45,49 @@ class EpochPlan:
     world_size: int
     batch_size: int
     shuffle: bool = True
+    phases: tuple[Phase, ...] = ()
+    """Earlier layouts of this epoch: this plan covers only what they left unread (``remaining``)."""
+    _positions: list[int] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def total(self) -> int:
         return sum(self.shard_sizes)
 
     @property
+    def available(self) -> int:
+        """Positions this plan deals out: the whole epoch, or what earlier phases left of it."""
+        return self.total if not self.phases else len(self.remaining())
+
+    @property
     def batches_per_rank(self) -> int:
-        return self.total // (self.world_size * self.batch_size)
+        return self.available // (self.world_size * self.batch_size)
+
+    def remaining(self) -> list[int]:
+        """Positions of the rotated sequence not consumed by the earlier phases, in sequence order."""
+        if self._positions is None:
+            left = list(range(self.total))
+            for i, ph in enumerate(self.phases):
+                earlier = EpochPlan(self.shard_sizes, self.epoch, self.seed, ph.world_size, ph.batch_size,
+                                    self.shuffle, self.phases[:i])
+                used = set(earlier.consumed_positions(ph.consumed, ph.num_workers, ph.window))
+                left = [p for p in left if p not in used]
+            object.__setattr__(self, "_positions", left)
+        return self._positions
+
+    def consumed_positions(self, consumed: int, num_workers: int, window: int) -> list[int]:
+        """Positions delivered by the first ``consumed`` batches of every rank under this plan."""
+        out = []
+        k = max(num_workers, 1)
+        per_worker = consumed_per_worker(consumed, k)
+        for rank in range(self.world_size):
+            rank_start = rank * self.batches_per_rank * self.batch_size
+            for worker, (first, _) in enumerate(self.worker_batches(k)):
+                order = self.worker_order(rank, worker, k, window)[: per_worker[worker] * self.batch_size]
+                out.extend(self._position(rank_start + first * self.batch_size + j) for j in order)
+        return out
+
+    def _position(self, index: int) -> int:
+        return self.remaining()[index] if self.phases else index
 
     def rng(self, *parts: object) -> random.Random:
         return random.Random("/".join(str(p) for p in (self.seed, self.epoch, *parts)))
@@ -55,6 +102,24 @@ class EpochPlan:
         return self.rng("offset").randrange(self.total) if self.shuffle and self.total else 0
 
     def _global_segments(self, start: int, count: int) -> list[Segment]:
+        """Segments covering entries [start, start + count) of what this plan deals out."""
+        if self.phases:
+            return self._segments_of(self.remaining()[start: start + count])
+        return self._rotated_segments(start, count)
+
+    def _segments_of(self, positions: list[int]) -> list[Segment]:
+        """Runs of consecutive positions (of the rotated sequence) as shard segments, in the given order."""
+        out: list[Segment] = []
+        i = 0
+        while i < len(positions):
+            j = i + 1
+            while j < len(positions) and positions[j] == positions[j - 1] + 1:
+                j += 1
+            out.extend(self._rotated_segments(positions[i], j - i))
+            i = j
+        return out
+
+    def _rotated_segments(self, start: int, count: int) -> list[Segment]:
         """Segments covering positions [start, start + count) of the rotated, concatenated sequence."""
         order = self.shard_order()
         bounds, pos = [], 0

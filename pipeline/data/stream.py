@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import posixpath
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .plan import EpochPlan, Segment, consumed_per_worker
+from .plan import EpochPlan, Phase, Segment, consumed_per_worker
 from .tar_io import ReadRetry, read_segment
 from .transforms import MAETrainTransform, TransformConfig, open_image
 
@@ -61,10 +61,11 @@ class ShardStream(IterableDataset):
         self.transform = MAETrainTransform(cfg.transform)
         # Set by StreamLoader before each pass.
         self.epoch, self.rank, self.world_size, self.consumed = 0, 0, 1, 0
+        self.phases: tuple[Phase, ...] = ()
 
-    def plan(self, epoch: int | None = None) -> EpochPlan:
+    def plan(self, epoch: int | None = None, phases: tuple[Phase, ...] | None = None) -> EpochPlan:
         return EpochPlan(tuple(self.sizes), self.epoch if epoch is None else epoch, self.seed, self.world_size,
-                         self.batch_size, self.cfg.shuffle)
+                         self.batch_size, self.cfg.shuffle, self.phases if phases is None else phases)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -119,26 +120,43 @@ class ShardStream(IterableDataset):
 
 
 class StreamLoader:
-    """Iterable over one epoch of batches for this rank; remembers how far the training loop got."""
+    """Iterable over one epoch of batches for this rank; remembers how far the training loop got.
+
+    A resume on another layout (world size, batch, worker count or shuffle window) within an epoch records the
+    old layout and its progress as a ``Phase``: the rest of the epoch is then dealt out over the new layout
+    from what the earlier phases left, so no sample repeats within the epoch. The epoch's length, as the
+    training loop counts it, is the batches already counted plus those left for this layout."""
+
+    _LAYOUT = ("world_size", "batch_size", "num_workers", "shuffle_buffer")
 
     def __init__(self, dataset: ShardStream, num_workers: int, epoch_fn: Callable[[], int],
                  pin_memory: bool = False):
         self.dataset, self.num_workers, self.epoch_fn, self.pin_memory = dataset, num_workers, epoch_fn, pin_memory
         self.epoch, self.consumed, self.skipped = 0, 0, 0
+        self.phases: tuple[Phase, ...] = ()
         self._resume: dict[str, Any] | None = None
 
+    def _phases_for(self, epoch: int) -> tuple[Phase, ...]:
+        if self._resume is not None:
+            return tuple(self._resume["phases"]) if self._resume["epoch"] == epoch else ()
+        return self.phases if epoch == self.epoch else ()
+
+    def _length(self, epoch: int, phases: tuple[Phase, ...]) -> int:
+        return sum(p.consumed for p in phases) + self.dataset.plan(epoch, phases).batches_per_rank
+
     def __len__(self) -> int:
-        return self.dataset.plan().batches_per_rank
+        epoch = self.epoch_fn()
+        return self._length(epoch, self._phases_for(epoch))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch_fn()
-        start = 0
+        phases, start = self._phases_for(epoch), 0
         if self._resume is not None and self._resume["epoch"] == epoch:
             start = self._resume["consumed"]
         self._resume = None
-        self.epoch, self.consumed = epoch, start
+        self.epoch, self.consumed, self.phases = epoch, start, phases
         ds = self.dataset
-        ds.epoch, ds.consumed = epoch, start
+        ds.epoch, ds.consumed, ds.phases = epoch, start, phases
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, worker_init_fn=_one_thread,
                             pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None)
         for batch in loader:
@@ -153,17 +171,26 @@ class StreamLoader:
                 "shuffle_buffer": ds.cfg.shuffle_buffer}
 
     def state_dict(self) -> dict[str, Any]:
-        epoch, consumed = self.epoch, self.consumed
-        if consumed >= len(self):  # a finished epoch resumes at the start of the next one
-            epoch, consumed = epoch + 1, 0
-        return {"epoch": epoch, "consumed": consumed, "skipped": self.skipped, "plan": self.fingerprint()}
+        epoch, consumed, phases = self.epoch, self.consumed, self.phases
+        if sum(p.consumed for p in phases) + consumed >= self._length(epoch, phases):
+            epoch, consumed, phases = epoch + 1, 0, ()  # a finished epoch resumes at the next one's start
+        return {"epoch": epoch, "consumed": consumed, "phases": [asdict(p) for p in phases],
+                "skipped": self.skipped, "plan": self.fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = state.get("skipped", 0)
-        if state["plan"] != self.fingerprint():
-            changed = sorted(k for k, v in self.fingerprint().items() if state["plan"].get(k) != v)
+        saved, now = state["plan"], self.fingerprint()
+        phases = tuple(Phase(**p) for p in state.get("phases", []))
+        changed = sorted(k for k, v in now.items() if saved.get(k) != v)
+        if not changed:
+            self._resume = {"epoch": state["epoch"], "consumed": state["consumed"], "phases": phases}
+        elif set(changed) <= set(self._LAYOUT):
+            done = Phase(saved["world_size"], saved["batch_size"], saved["num_workers"],
+                         max(saved["shuffle_buffer"], 1), state["consumed"])
+            log.warning("data layout changed since the checkpoint (%s): the rest of epoch %d is dealt out anew "
+                        "from the samples not yet seen", ", ".join(changed), state["epoch"])
+            self._resume = {"epoch": state["epoch"], "consumed": 0, "phases": (*phases, done)}
+        else:
             log.warning("data stream changed since the checkpoint (%s): epoch %d restarts from its first batch, "
                         "so samples already seen this epoch may repeat", ", ".join(changed), state["epoch"])
-            self._resume = {"epoch": state["epoch"], "consumed": 0}
-        else:
-            self._resume = {"epoch": state["epoch"], "consumed": state["consumed"]}
+            self._resume = {"epoch": state["epoch"], "consumed": 0, "phases": ()}
