@@ -5,18 +5,25 @@ so every file differs), shards it with `vitpipe shard`'s code, then times:
   1. bare loop: read every sample's bytes from the tar shards, PIL decode, torchvision RandomResizedCrop +
      flip + ToTensor + Normalize, one process;
   2. vitpipe's StreamLoader with 0, 1 and 2 worker processes (decode + crop + flip + normalise + batch).
+With --s3, the same shards are also copied into a local SeaweedFS S3 server (tests/s3_server.py, started
+here) and the StreamLoader with 1 and 2 workers, and a raw read of every shard's bytes, are timed from
+s3:// beside local disk; the server's CPU time is reported, since it shares the machine's cores.
 
     pip install scikit-image   # the photos
-    python benchmarks/loader.py --images 2000 --size 224
+    python benchmarks/loader.py --images 2000 --size 224 [--s3]
 """
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+import fsspec
 
 import numpy as np
 import torch
@@ -79,12 +86,55 @@ def stream_loader(manifest_url: str, size: int, workers: int, batch: int) -> flo
     return n / (time.perf_counter() - start)
 
 
+def raw_bytes_per_s(urls: list[str]) -> float:
+    n, start = 0, time.perf_counter()
+    for url in urls:
+        with fsspec.open(url, "rb") as f:
+            while chunk := f.read(1 << 20):
+                n += len(chunk)
+    return n / (time.perf_counter() - start)
+
+
+def compare_s3(work: Path, local_manifest: str, size: int, batch: int) -> None:
+    """Local disk vs a SeaweedFS S3 server on this machine: loader images/s and raw bytes/s, side by side."""
+    import psutil
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from s3_server import SeaweedS3
+
+    server = SeaweedS3(Path(tempfile.mkdtemp(prefix="vitpipe-s3-", dir=work)))
+    server.start()
+    try:
+        os.environ.update(server.env("admin"))
+        fs = fsspec.filesystem("s3")
+        fs.mkdir("bench")
+        fs.put(str(work / "shards" / "train"), "bench/shards/", recursive=True)
+        remote = "s3://bench/shards/train"
+        weed = psutil.Process(server.proc.pid)
+
+        def cpu() -> float:
+            return sum(sum(p.cpu_times()[:2]) for p in [weed, *weed.children(recursive=True)])
+
+        print(f"\n  local disk vs s3:// (SeaweedFS on the same {os.cpu_count()} cores)")
+        print(f"  {'':28s} {'local':>10s} {'s3':>10s} {'s3/local':>9s} {'server CPU s':>13s}")
+        for label, run in [(f"StreamLoader, {w} worker(s) img/s", lambda m, w=w: stream_loader(m, size, w, batch))
+                           for w in (1, 2)] + [("raw read MB/s", lambda m: raw_bytes_per_s(
+                               load_manifest(m).shard_urls()) / 1e6)]:
+            local = run(local_manifest)
+            c0 = cpu()
+            remote_rate = run(remote)
+            print(f"  {label:28s} {local:10.1f} {remote_rate:10.1f} {remote_rate / local:8.2f}x {cpu() - c0:13.1f}")
+    finally:
+        server.stop()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workdir", default=None, help="keep photos and shards here (default: a temp folder)")
+    p.add_argument("--s3", action="store_true", help="also stream from a local SeaweedFS S3 server")
     a = p.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="vitpipe-bench-"))
     if not (work / "shards" / "train" / "manifest.json").exists():
@@ -99,6 +149,8 @@ def main() -> None:
     for workers in (0, 1, 2):
         ips = stream_loader(manifest, a.size, workers, a.batch)
         print(f"  vitpipe StreamLoader, {workers} worker(s)            {ips:8.1f} images/s  ({ips / bare:.2f}x bare)")
+    if a.s3:
+        compare_s3(work, manifest, a.size, a.batch)
 
 
 if __name__ == "__main__":
