@@ -134,3 +134,62 @@ def test_stream_survives_the_store_going_away(s3_server, s3_shards, monkeypatch)
     keys += [k for b in rest for k in b["key"]]
     assert sum(b["skipped"] for b in rest) == 0
     assert len(keys) == len(set(keys)) == manifest.num_samples
+
+
+def test_truncated_shard_object_is_skipped_and_counted(s3_server, s3_shards, monkeypatch):  # noqa: F811
+    """A shard object cut short in the bucket: its unreadable samples are skipped and counted, the rest flow."""
+    from s3fs import S3FileSystem
+
+    from pipeline.data.manifest import load_manifest
+    from pipeline.data.stream import ShardStream, StreamConfig
+    from pipeline.data.transforms import TransformConfig
+
+    for key, value in s3_server.env("admin").items():
+        monkeypatch.setenv(key, value)
+    S3FileSystem.clear_instance_cache()
+    fs = S3FileSystem()
+    src = load_manifest(f"{SHARDS}/val")
+    # a copy of the held-out split whose second shard is cut in half
+    fs.copy(f"{SHARDS}/val/", "vitpipe-shards/cut/", recursive=True)
+    second = f"vitpipe-shards/cut/{src.shards[1].url}"
+    data = fs.cat(second)
+    fs.pipe(second, data[: len(data) // 2])
+    manifest = load_manifest("s3://vitpipe-shards/cut")
+    cfg = StreamConfig(shuffle=False, num_workers=0, transform=TransformConfig(image_size=(16, 16)))
+    stream = ShardStream(manifest.shard_urls(), [s.num_samples for s in manifest.shards], cfg, 500, seed=0)
+    batches = list(stream)
+    delivered = sum(len(b["key"]) for b in batches)
+    skipped = sum(b["skipped"] for b in batches)
+    assert delivered + skipped == manifest.num_samples and 0 < skipped < src.shards[1].num_samples
+    assert delivered > src.shards[0].num_samples  # all of the first shard and part of the second
+
+
+def test_killed_run_resumes_mid_epoch_from_s3_with_the_same_samples(s3_server, s3_shards, tmp_path):  # noqa: F811
+    """kill -9 while writing a checkpoint, resume: the same per-step sample keys as an uninterrupted run."""
+    runner = [sys.executable, str(REPO / "tests" / "run_pretrain.py")]
+    env = env_for(s3_server, "reader")
+
+    def overrides(work: Path) -> str:
+        o = tiny_overrides(Path("/unused"), work, **{
+            "data.train": f"{SHARDS}/train", "data.val": f"{SHARDS}/val", "trainer.max_steps": 12,
+            "checkpoint.every_n_steps": 4, "data.num_workers": 2, "data.shuffle_buffer": 50,
+            "trainer.sample_trace": work / "trace.jsonl"})
+        return json.dumps(o)
+
+    def run(work: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*runner, overrides(work), *extra], env=env, capture_output=True, text=True,
+                              timeout=600)
+
+    assert run(tmp_path / "ref").returncode == 0
+    killed = tmp_path / "killed"
+    assert run(killed, "--kill-in-checkpoint-at", "8").returncode == -9
+    second = run(killed)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming from {killed / 'ckpt' / 'step-00000004'}" in second.stderr
+
+    def trace(work: Path) -> dict[int, list[str]]:
+        return {r["step"]: r["keys"] for r in map(json.loads, (work / "trace.jsonl").read_text().splitlines())}
+
+    want, got = trace(tmp_path / "ref"), trace(killed)
+    assert sorted(want) == list(range(1, 13))
+    assert all(got[step] == want[step] for step in range(1, 13))
