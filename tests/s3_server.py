@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from mlflow_server import free_port
 
 HOST = "127.0.0.1"
 IDENTITIES = {
@@ -28,15 +28,9 @@ IDENTITIES = {
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 class SeaweedS3:
     def __init__(self, workdir: Path):
-        self.workdir, self.port = workdir, _free_port()
+        self.workdir, self.port = workdir, free_port()
         self.endpoint = f"http://{HOST}:{self.port}"
         self.proc: subprocess.Popen | None = None
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,16 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, tiny_overrides
+from mlflow_server import free_port
 
 pytestmark = pytest.mark.slow
 STEPS, EVERY = 6, 3
 RUNNER = str(REPO / "tests" / "run_pretrain.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(overrides: dict, env: dict, *extra: str, nproc: int = 2,

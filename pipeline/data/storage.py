@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 import fsspec.config
 
+from ..config import flatten
 from ..tracking.secrets import ENV_REFERENCE, is_secret_key
 
 _NAME = re.compile(r"^\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?$")
@@ -29,18 +30,10 @@ class StorageConfig:
     s3: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for key, value in _leaves(self.s3, "s3"):
+        for key, value in flatten(self.s3, "s3").items():
             if is_secret_key(key.rsplit(".", 1)[-1]) and not (isinstance(value, str) and ENV_REFERENCE.match(value)):
                 raise ValueError(f"{key}: a literal secret in a recipe is refused (recipes are logged and shared); "
                                  f"write a reference to an environment variable such as \"${{S3_SECRET}}\"")
-
-
-def _leaves(d: dict[str, Any], prefix: str):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _leaves(v, f"{prefix}.{k}")
-        else:
-            yield f"{prefix}.{k}", v
 
 
 def _expand(value: Any, where: str) -> Any:

@@ -58,6 +58,7 @@ class ZeroStrategy(DeepSpeedStrategy):
         """Loads on the world size that saved it as DeepSpeed does; on another one, through the universal format
         (weights, Adam moments and step repartitioned over the new ranks)."""
         path = Path(self.broadcast(str(checkpoint_path)))
+        resharded = False
         if path.is_dir() and not self.load_full_weights:
             saved = saved_world_size(path)
             if saved != self.world_size:
@@ -66,9 +67,8 @@ class ZeroStrategy(DeepSpeedStrategy):
                 self.barrier("universal-checkpoint")
                 log.warning("checkpoint %s was written by %d processes, resuming on %d", path, saved,
                             self.world_size)
-                self.deepspeed_engine._config.load_universal_checkpoint = True
-                client_state = super().load_checkpoint(checkpoint_path, weights_only)
-                if self.zero_stage_3:
-                    repair_stage3_universal_load(self.deepspeed_engine.optimizer, path / UNIVERSAL_TAG)
-                return client_state
-        return super().load_checkpoint(checkpoint_path, weights_only)
+                self.deepspeed_engine._config.load_universal_checkpoint = resharded = True
+        client_state = super().load_checkpoint(checkpoint_path, weights_only)
+        if resharded and self.zero_stage_3:
+            repair_stage3_universal_load(self.deepspeed_engine.optimizer, path / UNIVERSAL_TAG)
+        return client_state
