@@ -1,20 +1,37 @@
-"""Lightning callback that writes committed checkpoints every N optimizer steps and at the end."""
+"""Lightning callback that writes committed checkpoints every N optimizer steps and at the end, and copies
+each one to the mirror when the recipe names one."""
 from __future__ import annotations
 
+import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
 
+from ..data.storage import StorageError
+from ..distributed.shared_fs import folder_owner
+from .mirror import Mirror, files_of_rank
 from .store import STATE, CheckpointConfig, commit, partial_dir, prune, step_dir
+
+log = logging.getLogger(__name__)
 
 
 class CommittedCheckpoint(L.Callback):
     def __init__(self, cfg: CheckpointConfig, write_extras: Callable[[Path], None] | None = None):
         self.cfg, self.root = cfg, Path(cfg.dir)
         self.write_extras = write_extras  # e.g. the resolved config, written into each checkpoint
+        self.mirror = Mirror(cfg.mirror) if cfg.mirror else None
         self._last_saved = -1
+        self._owner = True  # this process creates, commits and prunes its node's copy of the folder
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._owner = folder_owner(trainer.strategy, self.root)
+        shared = trainer.strategy.reduce_boolean_decision(self._owner == trainer.is_global_zero, all=True)
+        if not shared and self.mirror is None and trainer.is_global_zero:
+            log.warning("%s is not shared between the nodes: each node keeps only its own ranks' files, and a "
+                        "resume needs all of them; set checkpoint.mirror to an object-store prefix", self.root)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -29,17 +46,50 @@ class CommittedCheckpoint(L.Callback):
     def save(self, trainer: L.Trainer) -> Path:
         step = trainer.global_step
         tmp, final = partial_dir(self.root, step), step_dir(self.root, step)
-        if trainer.is_global_zero:
+        if self._owner:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         trainer.strategy.barrier("checkpoint-begin")
         trainer.save_checkpoint(tmp / STATE)  # every rank takes part (sharded strategies write per rank)
         trainer.strategy.barrier("checkpoint-written")
-        if trainer.is_global_zero:
+        if self._owner:
             if self.write_extras is not None:
                 self.write_extras(tmp)
             commit(tmp, final, step)
-            prune(self.root, self.cfg.keep_last, self.cfg.keep_every_n_steps)
         trainer.strategy.barrier("checkpoint-committed")
+        if self.mirror is not None:
+            self._mirror(trainer, step, final)
+        if self._owner:
+            prune(self.root, self.cfg.keep_last, self.cfg.keep_every_n_steps)
         self._last_saved = step
         return final
+
+    def _mirror(self, trainer: L.Trainer, step: int, final: Path) -> None:
+        """Every rank uploads the files it wrote; rank 0 writes the marker once all uploads succeeded. A failed
+        upload leaves the step unmirrored (and unmarked) and training goes on: the next checkpoint tries again."""
+        assert self.mirror is not None
+        start = time.perf_counter()
+        if trainer.is_global_zero:
+            self.mirror.clear(step)
+        trainer.strategy.barrier("mirror-begin")
+        try:
+            sent, ok = self.mirror.upload(final, step, files_of_rank(final, trainer.global_rank)), True
+        except StorageError as err:
+            log.error("rank %d: %s", trainer.global_rank, err)
+            sent, ok = 0, False
+        ok = trainer.strategy.reduce_boolean_decision(ok, all=True)
+        if trainer.is_global_zero:
+            try:
+                if ok:
+                    self.mirror.mark_complete(step)
+                    self.mirror.prune(self.cfg.keep_last, self.cfg.keep_every_n_steps)
+            except StorageError as err:
+                log.error("%s", err)
+                ok = False
+            if ok:
+                log.info("checkpoint step %d mirrored to %s in %.1f s (rank 0 sent %.1f MB)", step,
+                         self.mirror.step_url(step), time.perf_counter() - start, sent / 1e6)
+            else:
+                log.error("checkpoint step %d was NOT mirrored to %s: a resume from the mirror would take an "
+                          "older step", step, self.mirror.url)
+        trainer.strategy.barrier("mirror-end")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 log = logging.getLogger(__name__)
-DEEPSPEED_TAG = "checkpoint"  # the tag Lightning's DeepSpeed strategy saves under
+DEEPSPEED_TAG = "checkpoint"  # the tag (sub-folder) Lightning's DeepSpeed strategy saves under
 # Rank 0's module and client state: ZeRO 1/2 write one file for all ranks, ZeRO-3 one per rank.
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 

@@ -23,7 +23,7 @@ MARKER = "COMPLETE"
 STATE = "state.ckpt"
 CONFIG = "config.yaml"
 RUN_ID = "mlflow_run.json"
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
+STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
 @dataclass
@@ -37,10 +37,17 @@ class CheckpointConfig:
     keep_last: int = 3
     keep_every_n_steps: int | None = None
     """Also keep every checkpoint whose step is a multiple of this (for later evaluation)."""
+    mirror: str | None = None
+    """Object-store prefix (``s3://bucket/runs/x``, any fsspec URL) that receives a copy of every complete
+    checkpoint; ``--resume auto`` then resumes from the newest complete copy there, fetching it into ``dir``.
+    For nodes that share no filesystem: ``dir`` is then each node's local disk."""
 
     def __post_init__(self) -> None:
         if self.every_n_steps < 1 or self.keep_last < 1:
             raise ValueError("checkpoint.every_n_steps and checkpoint.keep_last must be >= 1")
+        if "://" in self.dir:
+            raise ValueError(f"checkpoint.dir: {self.dir} is a URL; checkpoints are written to a filesystem path "
+                             "(local or shared) and copied to object storage with checkpoint.mirror")
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -58,7 +65,7 @@ def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for d in root.iterdir():
-        m = _STEP_DIR.match(d.name)
+        m = STEP_DIR.match(d.name)
         if m and (d / MARKER).is_file() and (d / STATE).exists():
             found.append((int(m.group(1)), d))
     return sorted(found)

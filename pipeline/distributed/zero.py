@@ -15,7 +15,9 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.strategies.deepspeed import _validate_device_index_selection
 
+from ..checkpoint.state import DEEPSPEED_TAG
 from .reshard import UNIVERSAL_TAG, ensure_universal, repair_stage3_universal_load, saved_world_size
+from .shared_fs import folder_owner
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +56,24 @@ class ZeroStrategy(DeepSpeedStrategy):
         index = self.root_device.index
         return self.local_rank if index is None else index
 
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None):
+        """As Lightning's, except that each rank writes under its own ``filepath`` instead of rank 0's: the same
+        folder on a shared filesystem, its node's folder when the nodes share none (checkpoint.mirror)."""
+        if storage_options is not None:
+            raise TypeError("storage_options is not supported by DeepSpeed checkpoints")
+        client_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        self.deepspeed_engine.save_checkpoint(filepath, client_state=client_state, tag=DEEPSPEED_TAG,
+                                              exclude_frozen_parameters=self.exclude_frozen_parameters)
+
     def load_checkpoint(self, checkpoint_path, weights_only=None):
         """Loads on the world size that saved it as DeepSpeed does; on another one, through the universal format
-        (weights, Adam moments and step repartitioned over the new ranks)."""
-        path = Path(self.broadcast(str(checkpoint_path)))
+        (weights, Adam moments and step repartitioned over the new ranks). Each rank reads its own path."""
+        path = Path(checkpoint_path)
         resharded = False
         if path.is_dir() and not self.load_full_weights:
             saved = saved_world_size(path)
             if saved != self.world_size:
-                if self.is_global_zero:
+                if folder_owner(self, path.parent):  # once per copy of the folder (per node without a shared FS)
                     ensure_universal(path)
                 self.barrier("universal-checkpoint")
                 log.warning("checkpoint %s was written by %d processes, resuming on %d", path, saved,

@@ -17,11 +17,13 @@ import lightning as L
 import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
-from ..checkpoint import CommittedCheckpoint, latest_complete, resolve_resume
+from ..checkpoint import CommittedCheckpoint, latest_complete
+from ..checkpoint.mirror import Mirror
+from ..checkpoint.resume import FetchCheckpoint, ResumePoint, find_resume
 from ..checkpoint.store import CONFIG, RUN_ID, STATE
 from ..config import flatten
 from ..data.datamodule import ShardDataModule
-from ..data.storage import apply_storage
+from ..data.storage import apply_storage, probe_write
 from ..distributed import build_strategy, cluster_environment, derive_batch, resolve_layout, world_size
 from ..recipe import RunRecipe
 from ..registry.lineage import MANIFEST, MANIFEST_HASH, RECIPE_HASH, code_version
@@ -55,7 +57,11 @@ class RunPlan:
     datamodule: ShardDataModule
     schedule: Schedule
     accumulate: int
-    resume_from: Path | None
+    resume: ResumePoint | None
+
+    @property
+    def resume_from(self) -> Path | None:
+        return None if self.resume is None else self.resume.folder
 
 
 def plan_schedule(recipe: RunRecipe, num_samples: int, world: int) -> tuple[Schedule, int, int]:
@@ -78,11 +84,14 @@ def plan_run(recipe: RunRecipe, resume: str | None) -> RunPlan:
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     apply_storage(recipe.storage)  # before the first URL is opened (the manifest, just below)
     world = world_size(recipe.trainer.devices, recipe.trainer.num_nodes)
-    resume_from = resolve_resume(resume, Path(recipe.checkpoint.dir))
+    ckpt = recipe.checkpoint
+    if ckpt.enabled and ckpt.mirror:  # read-only credentials fail here, not after the first training steps
+        probe_write(ckpt.mirror, "writing checkpoints")
+    resume_point = find_resume(resume, ckpt)
     datamodule = ShardDataModule(recipe.data, batch_size=1, seed=recipe.seed)
     schedule, per_device, accumulate = plan_schedule(recipe, datamodule.manifest.num_samples, world)
     datamodule.batch_size = per_device
-    return RunPlan(datamodule, schedule, accumulate, resume_from)
+    return RunPlan(datamodule, schedule, accumulate, resume_point)
 
 
 def fit(recipe: RunRecipe, plan: RunPlan, task: L.LightningModule, callbacks: Sequence[L.Callback] = (),
@@ -94,8 +103,8 @@ def fit(recipe: RunRecipe, plan: RunPlan, task: L.LightningModule, callbacks: Se
     cluster = cluster_environment(layout)
     # One MLflow run per training run: a resume continues the run that wrote the checkpoints.
     run_file = ckpt_root / RUN_ID
-    previous = (json.loads(run_file.read_text())["run_id"]
-                if plan.resume_from is not None and run_file.exists() else None)
+    mirror = Mirror(recipe.checkpoint.mirror) if recipe.checkpoint.mirror else None
+    previous = _previous_run(plan.resume, run_file)
     # Only global rank 0 talks to MLflow. Processes started by a launcher (torchrun, srun) all reach this line
     # at once: the others must not open the tracking store too (a new SQLite store migrates its schema).
     logger = None
@@ -111,6 +120,8 @@ def fit(recipe: RunRecipe, plan: RunPlan, task: L.LightningModule, callbacks: Se
         (folder / CONFIG).write_text(recipe.to_yaml())
 
     all_callbacks: list[L.Callback] = []
+    if plan.resume is not None and plan.resume.fetch is not None:
+        all_callbacks.append(FetchCheckpoint(plan.resume))
     if recipe.checkpoint.enabled:
         all_callbacks.append(CommittedCheckpoint(recipe.checkpoint, write_extras))
     if tr.sample_trace:
@@ -134,6 +145,9 @@ def fit(recipe: RunRecipe, plan: RunPlan, task: L.LightningModule, callbacks: Se
             ckpt_root.mkdir(parents=True, exist_ok=True)
             (ckpt_root / CONFIG).write_text(recipe.to_yaml())
             run_file.write_text(json.dumps({"run_id": logger.run_id}))
+            if mirror is not None:
+                mirror.put_text(CONFIG, recipe.to_yaml())
+                mirror.put_text(RUN_ID, run_file.read_text())
     if plan.resume_from is not None:
         _warn_changed_config(plan.resume_from, recipe)
         log.warning("resuming from %s", plan.resume_from)
@@ -166,6 +180,16 @@ def _start_run(logger, recipe: RunRecipe, datamodule: ShardDataModule, extra: di
             MANIFEST: scrub_url(datamodule.manifest.location), MANIFEST_HASH: datamodule.manifest.digest(), **extra}
     for key, value in tags.items():
         logger.experiment.set_tag(logger.run_id, key, value)
+
+
+def _previous_run(resume: ResumePoint | None, run_file: Path) -> str | None:
+    """The MLflow run of the checkpoints a resume continues (from the mirror when the checkpoint comes from it)."""
+    if resume is None:
+        return None
+    text = Mirror(resume.fetch.mirror).get_text(RUN_ID) if resume.fetch else None
+    if text is None and run_file.exists():
+        text = run_file.read_text()
+    return json.loads(text)["run_id"] if text else None
 
 
 def _warn_changed_config(checkpoint: Path, recipe: RunRecipe) -> None:
