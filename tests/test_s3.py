@@ -76,6 +76,16 @@ def test_read_only_key_cannot_write_shards(s3_server, s3_shards, tmp_path):  # n
             f"{s3_server.endpoint}, bucket 'vitpipe-shards' (credentials: vitpipe-reader)") in out.stderr
 
 
+def test_read_only_key_reads_shards_but_cannot_mirror_checkpoints(s3_server, s3_shards, tmp_path):  # noqa: F811
+    """The write probe refuses before the first step, not at the first checkpoint."""
+    mirror = "s3://vitpipe-shards/checkpoints/run-a"
+    out = vitpipe(_pretrain_flags(tmp_path, **{"checkpoint.mirror": mirror}), env_for(s3_server, "reader"), tmp_path)
+    assert out.returncode == 2
+    assert (f"{mirror}: writing checkpoints was denied by {s3_server.endpoint}, bucket 'vitpipe-shards' "
+            "(credentials: vitpipe-reader)") in out.stderr
+    assert not (tmp_path / "trace.jsonl").exists() and not (tmp_path / "ckpt").exists()
+
+
 def test_recipe_storage_options_reference_the_environment(s3_server, s3_shards, tmp_path):  # noqa: F811
     """No AWS_* variables at all: endpoint and key come from the recipe, the secret through a reference."""
     aws = s3_server.env("reader")
@@ -193,3 +203,37 @@ def test_killed_run_resumes_mid_epoch_from_s3_with_the_same_samples(s3_server, s
     want, got = trace(tmp_path / "ref"), trace(killed)
     assert sorted(want) == list(range(1, 13))
     assert all(got[step] == want[step] for step in range(1, 13))
+
+
+def test_mlflow_server_keeps_artifacts_and_models_in_the_same_store(s3_server, s3_shards, tmp_path,  # noqa: F811
+                                                                    monkeypatch):
+    """A tracking server started with --artifacts-destination s3://: the run's recipe, reconstructions and
+    registered export land in the bucket through the server, and the model loads back by alias. The training
+    process holds read-only credentials: it never writes to the store itself."""
+    import s3fs
+    from mlflow_server import MlflowServer
+    from safetensors.torch import load_file
+
+    from pipeline.registry import resolve_model
+
+    admin = s3_server.env("admin")
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server.endpoint, key=admin["AWS_ACCESS_KEY_ID"],
+                           secret=admin["AWS_SECRET_ACCESS_KEY"])
+    if not fs.exists("vitpipe-mlflow"):
+        fs.mkdir("vitpipe-mlflow")
+    server = MlflowServer(tmp_path / "mlflow", artifacts="s3://vitpipe-mlflow/artifacts",
+                          env={**admin, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint})
+    with server:
+        flags = _pretrain_flags(tmp_path, **{"tracking.uri": server.uri, "register.name": "s3-mae",
+                                             "register.alias": "candidate"})
+        out = vitpipe(flags, env_for(s3_server, "reader"), tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:] + server.log_tail()
+        stored = {key.rsplit("/", 1)[-1] for key in fs.find("vitpipe-mlflow/artifacts")}
+        assert {"recipe.yaml", "reconstruction_step00000004.png", "encoder.safetensors", "mae.safetensors",
+                "metadata.json"} <= stored
+        monkeypatch.setenv("VITPIPE_CACHE", str(tmp_path / "cache"))
+        ref = resolve_model("models:/s3-mae@candidate", server.uri)
+    assert not (tmp_path / "mlflow" / "artifacts").exists()  # nothing on the server's disk
+    registered = load_file(ref.folder / "encoder.safetensors")
+    local = load_file(next((tmp_path / "ckpt" / "exports").glob("step-*/encoder.safetensors")))
+    assert registered.keys() == local.keys() and all(registered[k].equal(local[k]) for k in local)

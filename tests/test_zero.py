@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import REPO, tiny_overrides
 from mlflow_server import free_port
+from s3_server import s3_server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 STEPS, EVERY = 6, 3
@@ -106,23 +107,60 @@ def test_killed_zero3_run_resumes_to_the_uninterrupted_losses(runs, fmnist_shard
     assert_same_losses(traces(work), traces(runs[3]), range(1, STEPS + 1))
 
 
-def test_two_nodes_of_one_process_equal_one_node_of_two(runs, fmnist_shards, tmp_path, child_env):
-    work = tmp_path / "nodes"
-    overrides = strategy_overrides(fmnist_shards, work, 2)
+def two_nodes(per_node: list[dict], env: dict, *extra: str) -> list[tuple[int, str]]:
+    """Two torchrun "nodes" of one process each on this host (c10d rendezvous); (return code, stderr) of each."""
     endpoint = f"127.0.0.1:{free_port()}"
     cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
              "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "vitpipe-test",
-             "--local-addr", "127.0.0.1", RUNNER, json.dumps(overrides), "--engine-report", str(work / "engine")]
-            for _ in range(2)]
-    nodes = [subprocess.Popen(c, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c in cmds]
-    outs = [n.communicate(timeout=600) for n in nodes]
-    for node, (_, err) in zip(nodes, outs):
-        assert node.returncode == 0, err[-4000:]
+             "--local-addr", "127.0.0.1", RUNNER, json.dumps(overrides), *extra] for overrides in per_node]
+    nodes = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    errs = [n.communicate(timeout=600)[1] for n in nodes]
+    return [(n.returncode, err) for n, err in zip(nodes, errs)]
+
+
+def test_two_nodes_of_one_process_equal_one_node_of_two(runs, fmnist_shards, tmp_path, child_env):
+    work = tmp_path / "nodes"
+    overrides = strategy_overrides(fmnist_shards, work, 2)
+    for code, err in two_nodes([overrides, overrides], child_env, "--engine-report", str(work / "engine")):
+        assert code == 0, err[-4000:]
     for rank in (0, 1):
         report = json.loads((work / f"engine.rank{rank}.json").read_text())
         assert (report["num_nodes"], report["world_size"], report["stage"]) == (2, 2, 2)
     assert_same_losses(traces(work), traces(runs[2]), range(1, STEPS + 1))
+
+
+def test_nodes_without_a_shared_disk_resume_from_the_s3_mirror(runs, fmnist_shards, tmp_path, child_env,
+                                                               s3_server):  # noqa: F811
+    """Each node checkpoints to its own disk and the mirror holds all ranks' files. Preempted at step 6, then
+    restarted on fresh disks (new pods): both nodes fetch step 3 from S3 and reproduce the uninterrupted run."""
+    import s3fs
+
+    work, mirror = tmp_path / "mirrored", "s3://vitpipe-checkpoints/zero2-two-nodes"
+    env = {**child_env, **s3_server.env("admin")}
+    per_node = [strategy_overrides(fmnist_shards, work, 2, **{"checkpoint.dir": work / f"disk{n}",
+                                                               "checkpoint.mirror": mirror}) for n in (0, 1)]
+    results = two_nodes(per_node, env, "--kill-in-checkpoint-at", str(2 * EVERY))
+    assert all(code != 0 for code, _ in results)
+    node1 = {p.name for p in (work / "disk1" / f"step-{EVERY:08d}").rglob("*.pt")}
+    assert node1 == {"zero_pp_rank_1_mp_rank_00_optim_states.pt"}  # its own shard only: no shared disk
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server.endpoint, key=env["AWS_ACCESS_KEY_ID"],
+                           secret=env["AWS_SECRET_ACCESS_KEY"])
+    bucket_step = f"{mirror[5:]}/step-{EVERY:08d}"
+    names = {p.rsplit("/", 1)[-1] for p in fs.find(bucket_step)}
+    assert {"COMPLETE", "config.yaml", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= names
+    assert not fs.exists(f"{mirror[5:]}/step-{2 * EVERY:08d}/COMPLETE")
+
+    for n in (0, 1):
+        shutil.rmtree(work / f"disk{n}")
+    results = two_nodes(per_node, env)
+    for code, err in results:
+        assert code == 0, err[-4000:]
+    assert f"resuming from {work / 'disk0' / f'step-{EVERY:08d}'}" in results[0][1]
+    assert all(f"of checkpoint step {EVERY} from {mirror}" in err for _, err in results)
+    assert_same_losses(traces(work), traces(runs[2]), range(1, STEPS + 1))
+    assert fs.exists(f"{mirror[5:]}/step-{STEPS:08d}/COMPLETE")
 
 
 def _universal_state(state: Path) -> tuple[dict[str, torch.Tensor], set[float]]:
