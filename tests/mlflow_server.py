@@ -47,8 +47,12 @@ def _mlflow_command() -> list[str]:
 class MlflowServer:
     """One ``mlflow server`` process group; ``start``/``stop`` may be repeated, always on the same port."""
 
-    def __init__(self, root: str | Path, port: int | None = None, start_timeout_s: float = 90.0):
+    def __init__(self, root: str | Path, port: int | None = None, start_timeout_s: float = 90.0,
+                 artifacts: str | None = None, env: dict[str, str] | None = None):
+        """``artifacts``: where the server stores artifacts (default a folder under root; e.g. ``s3://b/p``,
+        with the store's credentials in ``env``, added to the server's environment)."""
         self.root = Path(root)
+        self.artifacts, self.extra_env = artifacts or str(self.root / "artifacts"), env or {}
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.uri = f"http://{HOST}:{self.port}"
@@ -65,9 +69,9 @@ class MlflowServer:
             return self
         cmd = [*_mlflow_command(), "server",
                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-               "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
+               "--artifacts-destination", self.artifacts, "--serve-artifacts",
                "--host", HOST, "--port", str(self.port), "--workers", "1"]
-        env = dict(os.environ)
+        env = {**os.environ, **self.extra_env}
         env.pop("MLFLOW_TRACKING_URI", None)
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no huey job-runner process beside the server
         env["PYTHONUNBUFFERED"] = "1"
