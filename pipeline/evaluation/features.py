@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data.manifest import load_manifest
 from ..data.stream import image_bytes
-from ..data.tar_io import iter_raw_samples
+from ..data.tar_io import ReadRetry, read_segment
 from ..data.transforms import Normalise, decode_image
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,9 @@ class LabelledSplit(IterableDataset):
     """Batches {"image" [b, 3, H, W], "label" [b]} of the first ``limit`` samples of a split."""
 
     def __init__(self, split: str, transform: Callable[[Image.Image], torch.Tensor], batch_size: int,
-                 limit: int | None = None):
+                 limit: int | None = None, retry: ReadRetry | None = None):
         manifest = load_manifest(split)
+        self.retry = retry or ReadRetry()  # transient store errors are retried as in training
         self.location, self.classes = manifest.location, manifest.classes
         self.transform, self.batch_size = transform, batch_size
         left = manifest.num_samples if limit is None else min(limit, manifest.num_samples)
@@ -68,9 +69,10 @@ class LabelledSplit(IterableDataset):
         mine = self.segments[info.id::info.num_workers] if info else self.segments
         images, labels, skipped = [], [], 0
         for seg in mine:
-            for i, sample in enumerate(iter_raw_samples(seg.url)):
-                if i == seg.take:
-                    break
+            for sample in read_segment(seg.url, 0, seg.take, self.retry):
+                if sample is None:  # unreadable after the retries (read_segment logged it)
+                    skipped += 1
+                    continue
                 try:
                     label = int(sample["cls"])
                     images.append(self.transform(decode_image(image_bytes(sample))))
