@@ -87,7 +87,7 @@ def encoder_config(meta: dict[str, Any], image_size: tuple[int, int] | None = No
                      patch_size=meta["patch_size"], in_chans=meta["in_chans"], pos_embed=meta["pos_embed"]["kind"],
                      layer_scale=meta["layer_scale"], embed_dim=meta["embed_dim"], depth=meta["depth"],
                      num_heads=meta["num_heads"], mlp_ratio=meta.get("mlp_ratio", 4.0),
-                     qkv_bias=meta.get("qkv_bias", True))
+                     qkv_bias=meta.get("qkv_bias", True), distill_token=meta.get("distill_token", False))
 
 
 def load_encoder(folder: str | Path, image_size: tuple[int, int] | None = None) -> ViTEncoder:

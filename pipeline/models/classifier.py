@@ -8,7 +8,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from .vit import ViTEncoder
+from .vit import ViTEncoder, layer_id
 
 Pool = Literal["avg", "cls"]
 
@@ -49,10 +49,4 @@ class ViTClassifier(nn.Module):
         return self.head(self.features(imgs))
 
     def layer_id(self, name: str) -> int:
-        """Depth index for layer-wise lr decay: 0 for embeddings, i + 1 for block i, depth + 1 for the rest."""
-        depth = len(self.encoder.blocks)
-        if name.startswith(("encoder.patch_embed", "encoder.cls_token", "encoder.pos_embed")):
-            return 0
-        if name.startswith("encoder.blocks."):
-            return int(name.split(".")[2]) + 1
-        return depth + 1
+        return layer_id(name, len(self.encoder.blocks))

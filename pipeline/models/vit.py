@@ -50,6 +50,8 @@ class ViTConfig:
     num_heads: int | None = None
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
+    distill_token: bool = False
+    """A second prefix token after CLS (DeiT's distillation token), with its own position row."""
 
     def __post_init__(self) -> None:
         if self.size not in VIT_SIZES:
@@ -136,24 +138,38 @@ def init_weights_mae(module: nn.Module) -> None:
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
 
-class ViTEncoder(nn.Module):
-    """Patch embed -> (+pos) -> [CLS | patches] -> pre-LN blocks -> LayerNorm. Tokens: [B, 1 + N, D]."""
+def layer_id(name: str, depth: int) -> int:
+    """Depth index of a parameter of a model holding the encoder as ``encoder``, for layer-wise lr decay: 0 for
+    the embeddings and prefix tokens, i + 1 for block i, depth + 1 for the rest (final norm, heads)."""
+    if name.startswith(("encoder.patch_embed", "encoder.cls_token", "encoder.dist_token", "encoder.pos_embed")):
+        return 0
+    if name.startswith("encoder.blocks."):
+        return int(name.split(".")[2]) + 1
+    return depth + 1
 
-    num_prefix_tokens = 1
+
+class ViTEncoder(nn.Module):
+    """Patch embed -> (+pos) -> [CLS | DIST? | patches] -> pre-LN blocks -> LayerNorm. Tokens: [B, P + N, D]
+    with P = num_prefix_tokens (1, or 2 with DeiT's distillation token)."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
         D = cfg.embed_dim
+        self.num_prefix_tokens = 2 if cfg.distill_token else 1
         self.patch_embed = PatchEmbed(img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                                       embed_dim=D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        # timm's name for it (VisionTransformerDistilled), so DeiT weights map across
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.distill_token else None
         self.pos_embed = PosEmbed(cfg.pos_embed, D, cfg.grid, self.num_prefix_tokens, cfg.num_heads)
         self.blocks = make_blocks(D, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.layer_scale,
                                   cfg.drop_path, rope=cfg.pos_embed == "rope2d")
         self.norm = nn.LayerNorm(D, eps=1e-6)
         init_weights_mae(self)
         nn.init.normal_(self.cls_token, std=0.02)
+        if self.dist_token is not None:
+            nn.init.normal_(self.dist_token, std=0.02)
         self.grad_checkpointing = False
         # Recompute block activations in the backward (see run_blocks): a training option, not saved.
 
@@ -166,19 +182,19 @@ class ViTEncoder(nn.Module):
         return self.pos_embed.add_to_patches(self.patch_embed(imgs))
 
     def forward_tokens(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, N, D] patch tokens (the kept ones, in ``ids_keep`` order) -> [B, 1 + N, D] features."""
+        """x: [B, N, D] patch tokens (the kept ones, in ``ids_keep`` order) -> [B, P + N, D] features."""
         B = x.shape[0]
-        cls = self.cls_token
-        prefix_pos = self.pos_embed.prefix()
+        prefix = self.cls_token if self.dist_token is None else torch.cat([self.cls_token, self.dist_token], 1)
+        prefix_pos = self.pos_embed.prefix()  # [1, P, D]: one row per prefix token (None for RoPE)
         if prefix_pos is not None:
-            cls = cls + prefix_pos.to(cls.dtype)
-        x = torch.cat([cls.expand(B, -1, -1), x], dim=1)
+            prefix = prefix + prefix_pos.to(prefix.dtype)
+        x = torch.cat([prefix.expand(B, -1, -1), x], dim=1)
         rope = self.pos_embed.rope(ids_keep, B, x.device)
         x = run_blocks(self.blocks, x, rope, self.num_prefix_tokens, self.grad_checkpointing)
         return self.norm(x)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        """imgs [B, C, H, W] -> features of all tokens [B, 1 + L, D]."""
+        """imgs [B, C, H, W] -> features of all tokens [B, P + L, D]."""
         return self.forward_tokens(self.embed_patches(imgs))
 
     def meta(self) -> dict[str, Any]:
@@ -188,5 +204,6 @@ class ViTEncoder(nn.Module):
                 "image_size": list(self.cfg.image_size), "in_chans": self.cfg.in_chans,
                 "pos_embed": self.pos_embed.meta(), "layer_scale": self.cfg.layer_scale,
                 "mlp_ratio": self.cfg.mlp_ratio, "qkv_bias": self.cfg.qkv_bias,
+                "distill_token": self.cfg.distill_token,
                 # False when a global-pool head took the final norm's place (MAE fine-tuning)
                 "final_norm": not isinstance(self.norm, nn.Identity)}

@@ -1,0 +1,65 @@
+"""DeiT's losses: the label term on the CLS head and a distillation term on the distillation head.
+
+    loss = (1 - alpha) * CE(cls_logits, target) + alpha * D(dist_logits, teacher_logits)
+
+``hard``: D = CE(dist_logits, argmax teacher) (DeiT's default, alpha 0.5). ``soft``: D = tau^2 * KL(teacher_tau
+|| student_tau), the KL between the temperature-softened distributions, averaged over the batch (Hinton's
+normalisation; DeiT's code divides the summed KL by batch x classes instead, i.e. its alpha is this one's
+times the number of classes). ``none``: no teacher; both heads learn from the target, averaged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+DistillKind = Literal["none", "hard", "soft"]
+
+
+@dataclass
+class DistillConfig:
+    """How the distillation head learns."""
+
+    kind: DistillKind = "hard"
+    alpha: float = 0.5
+    """Weight of the distillation term; the label term gets 1 - alpha."""
+    tau: float = 1.0
+    """Temperature of soft distillation."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"distill.alpha {self.alpha} is not in [0, 1]")
+        if self.tau <= 0:
+            raise ValueError(f"distill.tau {self.tau} must be > 0")
+
+
+def label_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of logits [B, K] against class indices [B] or soft targets [B, K] (mixup / cutmix,
+    which already carry the smoothing)."""
+    if target.dim() == 2:
+        return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+
+
+def distillation_loss(cls_logits: torch.Tensor, dist_logits: torch.Tensor, target: torch.Tensor,
+                      teacher_logits: torch.Tensor | None, cfg: DistillConfig,
+                      label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+    """{"loss", "label", "distill"}: the total and its two terms (unweighted). Logits [B, K]; the teacher's are
+    taken as constants."""
+    base = label_loss(cls_logits, target, label_smoothing)
+    if cfg.kind == "none":
+        other = label_loss(dist_logits, target, label_smoothing)
+        return {"loss": (base + other) / 2, "label": base, "distill": other}
+    if teacher_logits is None:
+        raise ValueError(f"{cfg.kind} distillation needs the teacher's logits")
+    teacher_logits = teacher_logits.detach().to(dist_logits.dtype)
+    if cfg.kind == "hard":
+        distill = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=-1))
+    else:
+        t = cfg.tau
+        # KL(p_teacher || p_student) per sample, summed over classes, then averaged over the batch
+        distill = F.kl_div(F.log_softmax(dist_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
+                           reduction="batchmean", log_target=True) * (t * t)
+    return {"loss": (1 - cfg.alpha) * base + cfg.alpha * distill, "label": base, "distill": distill}
