@@ -1,8 +1,10 @@
-"""DeiT: the distilled ViT's tokens and heads, and the distillation losses against values worked by hand."""
+"""DeiT: the distilled ViT's tokens and heads, the distillation losses against values worked by hand, and
+mixup / cutmix label weights against the pixels actually mixed."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from pipeline.checkpoint.export import encoder_config
 from pipeline.models.deit import DistilledViT
 from pipeline.models.vit import ViTConfig, ViTEncoder
 from pipeline.tasks.distill import DistillConfig, distillation_loss
+from pipeline.tasks.mixing import MixupConfig, build_mixup, mix
 
 
 def tiny(pos_embed: str = "learned", **kw) -> ViTEncoder:
@@ -106,3 +109,38 @@ def test_soft_targets_and_no_teacher():
     teacher = TEACHER.clone().requires_grad_()
     distillation_loss(CLS, DIST.clone().requires_grad_(), LABELS, teacher, DistillConfig("soft"))["loss"].backward()
     assert teacher.grad is None  # the teacher is a constant
+
+
+def _batch(b: int = 8, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image i is the constant i (every pixel, every channel); label i: each pixel tells whose it is."""
+    imgs = torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1).expand(b, 3, size, size).clone()
+    return imgs, torch.arange(b)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cutmix_weighs_labels_by_the_pasted_area(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    imgs, labels = _batch()
+    mixed, target = mix(build_mixup(MixupConfig(mixup_alpha=0.0, cutmix_alpha=1.0), 8, 0.0), imgs, labels)
+    for i in range(8):
+        partner = 7 - i  # timm pairs sample i with the batch's mirror image
+        area = (mixed[i, 0] == partner).float().mean().item()
+        assert ((mixed[i, 0] == i) | (mixed[i, 0] == partner)).all()
+        assert target[i, partner].item() == pytest.approx(area, abs=1e-6)
+        assert target[i, i].item() == pytest.approx(1 - area, abs=1e-6)
+        assert target[i].sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mixup_weighs_labels_by_the_blend(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    imgs, labels = _batch()
+    mixed, target = mix(build_mixup(MixupConfig(mixup_alpha=0.8, cutmix_alpha=0.0), 8, 0.1), imgs, labels)
+    lam = (mixed[0, 0, 0, 0].item() - 7) / (0 - 7)  # pixel = lam * 0 + (1 - lam) * 7
+    off = 0.1 / 8  # label smoothing spreads 0.1 over the 8 classes
+    assert target[0, 0].item() == pytest.approx(lam * (1 - 0.1) + off, abs=1e-5)
+    assert target[0, 7].item() == pytest.approx((1 - lam) * (1 - 0.1) + off, abs=1e-5)
+    odd_imgs, odd_labels = _batch(7)
+    assert mix(build_mixup(MixupConfig(), 8, 0.0), odd_imgs, odd_labels)[1].equal(odd_labels)  # odd: unmixed

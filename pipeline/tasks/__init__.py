@@ -1,6 +1,7 @@
 """One LightningModule per objective; each owns its loss, metrics, optimizer and schedule."""
 from .base import Schedule, StreamTask
-from .finetune import FinetuneConfig, FinetuneTask, MixupConfig
+from .finetune import FinetuneConfig, FinetuneTask
+from .mixing import MixupConfig
 from .mae import MAEPretrainTask
 from .optim import FinetuneOptimConfig, OptimConfig
 

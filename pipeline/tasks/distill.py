@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .mixing import label_loss
+
 DistillKind = Literal["none", "hard", "soft"]
 
 
@@ -33,14 +35,6 @@ class DistillConfig:
             raise ValueError(f"distill.alpha {self.alpha} is not in [0, 1]")
         if self.tau <= 0:
             raise ValueError(f"distill.tau {self.tau} must be > 0")
-
-
-def label_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy of logits [B, K] against class indices [B] or soft targets [B, K] (mixup / cutmix,
-    which already carry the smoothing)."""
-    if target.dim() == 2:
-        return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
-    return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
 
 
 def distillation_loss(cls_logits: torch.Tensor, dist_logits: torch.Tensor, target: torch.Tensor,

@@ -6,23 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-from timm.data import Mixup
 
 from ..models.classifier import ViTClassifier
 from .base import Schedule, StreamTask
+from .mixing import MixupConfig, build_mixup, label_loss, mix
 from .optim import FinetuneOptimConfig, build_optimizer, layer_decay_groups
-
-
-@dataclass
-class MixupConfig:
-    """Mixup and CutMix on each batch (timm's Mixup); both alphas 0 turn it off."""
-
-    mixup_alpha: float = 0.8
-    cutmix_alpha: float = 1.0
-    prob: float = 1.0
-    switch_prob: float = 0.5
-    """Chance of CutMix rather than Mixup when both are on."""
 
 
 @dataclass
@@ -54,12 +42,7 @@ class FinetuneTask(StreamTask):
                  schedule: Schedule):
         super().__init__()
         self.model, self.cfg, self.optim_cfg, self.schedule = model, cfg, optim_cfg, schedule
-        m = cfg.mixup
-        self.mixup = None
-        if m.mixup_alpha > 0 or m.cutmix_alpha > 0:
-            self.mixup = Mixup(mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, prob=m.prob,
-                               switch_prob=m.switch_prob, label_smoothing=cfg.label_smoothing,
-                               num_classes=cfg.num_classes)
+        self.mixup = build_mixup(cfg.mixup, cfg.num_classes, cfg.label_smoothing)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         imgs, labels = batch["image"], batch["label"]
@@ -69,12 +52,10 @@ class FinetuneTask(StreamTask):
             bad = [k for k, y in zip(batch.get("key", []), labels.tolist()) if not 0 <= y < self.cfg.num_classes]
             raise ValueError(f"samples without a label in [0, {self.cfg.num_classes}): {bad[:5]} "
                              f"(shard them with class labels, or fix model.num_classes)")
-        if self.mixup is not None and imgs.shape[0] % 2 == 0:  # timm's Mixup pairs samples: even batches
-            imgs, target = self.mixup(imgs, labels)  # target: soft labels [B, C], smoothing included
-            loss = torch.sum(-target * F.log_softmax(self.model(imgs), dim=-1), dim=-1).mean()
-        else:
-            logits = self.model(imgs)
-            loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
+        imgs, target = mix(self.mixup, imgs, labels)  # target: soft labels [B, C] when mixed
+        logits = self.model(imgs)
+        loss = label_loss(logits, target, self.cfg.label_smoothing)
+        if target.dim() == 1:
             self.log("train/top1", (logits.argmax(-1) == labels).float().mean(), batch_size=imgs.shape[0])
         self.record_loss(loss, imgs.shape[0])
         return loss
