@@ -147,9 +147,10 @@ def _checked(ref: ModelRef) -> ModelRef:
         meta = ref.metadata()
     except (ValueError, OSError) as err:
         raise ModelError(f"{ref.uri}: unreadable metadata: {err}") from None
-    for key in ("encoder", "normalisation"):
-        if key not in meta:
-            raise ModelError(f"{ref.uri}: metadata.json has no {key!r} section")
+    if "normalisation" not in meta:
+        raise ModelError(f"{ref.uri}: metadata.json has no 'normalisation' section")
+    if "encoder" not in meta and "timm" not in meta:
+        raise ModelError(f"{ref.uri}: metadata.json describes no model (neither an 'encoder' nor a 'timm' section)")
     tagged = ref.tags.get(RECIPE_HASH)
     if tagged and meta.get("recipe_hash") and tagged != meta["recipe_hash"]:
         raise ModelError(f"{ref.uri}: metadata recipe hash {meta['recipe_hash']} differs from the version's "
@@ -159,6 +160,8 @@ def _checked(ref: ModelRef) -> ModelRef:
 
 def load_model_encoder(ref: ModelRef, image_size: tuple[int, int] | None = None) -> ViTEncoder:
     """The encoder of a resolved model, positions resampled to ``image_size`` when given."""
+    if "encoder" not in ref.metadata():
+        raise ModelError(f"{ref.uri}: a timm classifier ({ref.metadata()['timm']['arch']}), not a ViT encoder")
     try:
         return load_encoder(ref.folder, image_size)
     except (RuntimeError, KeyError, TypeError, ValueError, FileNotFoundError) as err:
