@@ -111,17 +111,18 @@ def test_soft_targets_and_no_teacher():
     assert teacher.grad is None  # the teacher is a constant
 
 
-def _batch(b: int = 8, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image i is the constant i (every pixel, every channel); label i: each pixel tells whose it is."""
+def _batch(b: int = 8, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image i is the constant i (every pixel, every channel); label i: each pixel tells whose it is. Seeds
+    the generators timm's Mixup draws from (numpy for lambda and box, torch for nothing else here)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
     imgs = torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1).expand(b, 3, size, size).clone()
     return imgs, torch.arange(b)
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_cutmix_weighs_labels_by_the_pasted_area(seed):
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    imgs, labels = _batch()
+    imgs, labels = _batch(seed=seed)
     mixed, target = mix(build_mixup(MixupConfig(mixup_alpha=0.0, cutmix_alpha=1.0), 8, 0.0), imgs, labels)
     for i in range(8):
         partner = 7 - i  # timm pairs sample i with the batch's mirror image
@@ -134,9 +135,7 @@ def test_cutmix_weighs_labels_by_the_pasted_area(seed):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_mixup_weighs_labels_by_the_blend(seed):
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    imgs, labels = _batch()
+    imgs, labels = _batch(seed=seed)
     mixed, target = mix(build_mixup(MixupConfig(mixup_alpha=0.8, cutmix_alpha=0.0), 8, 0.1), imgs, labels)
     lam = (mixed[0, 0, 0, 0].item() - 7) / (0 - 7)  # pixel = lam * 0 + (1 - lam) * 7
     off = 0.1 / 8  # label smoothing spreads 0.1 over the 8 classes
