@@ -17,6 +17,7 @@ from pipeline.tasks import MAEPretrainTask, Schedule
 RECIPES = list_recipes()
 MAE_RECIPES = [r for r in RECIPES if r.startswith("mae/")]
 FINETUNE_RECIPES = [r for r in RECIPES if r.startswith("finetune/")]
+DEIT_RECIPES = [r for r in RECIPES if r.startswith("deit/")]
 BIG = {"mae/vit_base16": ("base", 16), "mae/vit_large16": ("large", 16), "mae/vit_huge14": ("huge", 14)}
 # The MAE repository's fine-tuning commands: (base lr, layer decay, drop path, epochs).
 BIG_FINETUNE = {"finetune/vit_base16": (5e-4, 0.65, 0.1, 100), "finetune/vit_large16": (1e-3, 0.75, 0.2, 50),
@@ -46,8 +47,16 @@ def test_builtin_recipes_are_listed():
 
 
 def test_recipe_families_are_all_covered():
-    assert set(RECIPES) == set(MAE_RECIPES) | set(FINETUNE_RECIPES)
+    assert set(RECIPES) == set(MAE_RECIPES) | set(FINETUNE_RECIPES) | set(DEIT_RECIPES)
     assert set(BIG_FINETUNE) <= set(FINETUNE_RECIPES) and "finetune/tiny_fmnist" in FINETUNE_RECIPES
+
+
+@pytest.mark.parametrize("name", DEIT_RECIPES)
+def test_deit_recipes_parse_with_a_distillation_token(name):
+    r = load_recipe(name)
+    assert r.task == "deit" and r.model.encoder.distill_token and r.model.num_classes > 1
+    assert tuple(r.data.transform.image_size) == tuple(r.model.encoder.image_size)
+    assert r.model.label_smoothing == 0.1 and r.optim.weight_decay == 0.05
 
 
 @pytest.mark.parametrize("name", FINETUNE_RECIPES)

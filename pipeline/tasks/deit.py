@@ -1,0 +1,84 @@
+"""DeiT-style supervised pretraining as a LightningModule: a distilled ViT (CLS + distillation token) learning
+from the labels and, through the distillation head, from a frozen teacher; mixup / cutmix and label smoothing.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..models.deit import DistilledViT
+from ..models.vit import ViTConfig, ViTEncoder
+from ..registry.teacher import TeacherConfig
+from .base import Schedule, StreamTask
+from .distill import DistillConfig, distillation_loss
+from .mixing import MixupConfig, build_mixup, mix
+from .optim import OptimConfig, build_optimizer
+
+
+@dataclass
+class DeiTConfig:
+    """The student, its heads, the teacher and the loss."""
+
+    encoder: ViTConfig = field(default_factory=lambda: ViTConfig(size="small", pos_embed="learned",
+                                                                 distill_token=True, drop_path=0.1))
+    num_classes: int = 1000
+    head: Literal["both", "cls", "dist"] = "both"
+    """Which head predicts at evaluation: both averaged (DeiT), or one alone."""
+    label_smoothing: float = 0.1
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+    def __post_init__(self) -> None:
+        if not self.encoder.distill_token:
+            raise ValueError("model.encoder.distill_token must be true for a DeiT student")
+        if self.distill.kind != "none" and not self.teacher.model:
+            raise ValueError(f"model.distill.kind is {self.distill.kind!r} but model.teacher.model is empty "
+                             "(set a teacher, or distill.kind: none for supervised training alone)")
+
+
+class DeiTTask(StreamTask):
+    def __init__(self, cfg: DeiTConfig, optim_cfg: OptimConfig, schedule: Schedule,
+                 teacher: nn.Module | None = None):
+        super().__init__()
+        self.cfg, self.optim_cfg, self.schedule = cfg, optim_cfg, schedule
+        self.model = DistilledViT(ViTEncoder(cfg.encoder), cfg.num_classes, cfg.head)
+        self.mixup = build_mixup(cfg.mixup, cfg.num_classes, cfg.label_smoothing)
+        # Kept out of the module tree: not trained, not in checkpoints, not partitioned by ZeRO.
+        self._teacher = (teacher,) if teacher is not None and cfg.distill.kind != "none" else ()
+
+    def on_fit_start(self) -> None:
+        if self._teacher:  # the student's device and dtype ("bf16-true" casts the student's weights)
+            dtype = next(self.model.parameters()).dtype
+            self._teacher[0].to(device=self.device, dtype=dtype)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        imgs, labels = batch["image"], batch["label"]
+        if imgs.shape[0] == 0:
+            return self.zero_step()
+        if (labels < 0).any() or (labels >= self.cfg.num_classes).any():
+            raise ValueError(f"labels outside [0, {self.cfg.num_classes}) in batch {batch_idx}: shard with class "
+                             "labels, or fix model.num_classes")
+        imgs, target = mix(self.mixup, imgs, labels)  # the teacher sees the same mixed images, as in DeiT
+        teacher_logits = None
+        if self._teacher:
+            start = time.perf_counter()
+            teacher_logits = self._teacher[0](imgs)
+            self.log("perf/teacher_s", time.perf_counter() - start, batch_size=1)
+        cls, dist = self.model.both_logits(imgs)
+        parts = distillation_loss(cls, dist, target, teacher_logits, self.cfg.distill, self.cfg.label_smoothing)
+        self.log("train/loss_label", parts["label"], batch_size=imgs.shape[0])
+        self.log("train/loss_distill", parts["distill"], batch_size=imgs.shape[0])
+        if target.dim() == 1:
+            self.log("train/top1", ((cls + dist).argmax(-1) == labels).float().mean(), batch_size=imgs.shape[0])
+        self.record_loss(parts["loss"], imgs.shape[0])
+        return parts["loss"]
+
+    def configure_optimizers(self):
+        s = self.schedule
+        opt, sched = build_optimizer(self.model, self.optim_cfg, s.effective_batch, s.total_steps, s.warmup_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
