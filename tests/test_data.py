@@ -23,7 +23,7 @@ from pipeline.data.plan import EpochPlan, consumed_per_worker
 from pipeline.data.sharding import index_shards
 from pipeline.data.sources import FMNIST_CLASSES, FMNIST_DIR, FashionMNISTSource
 from pipeline.data.tar_io import iter_raw_samples, sha256_of
-from pipeline.data.transforms import MAETrainTransform, crop_box, decode_image
+from pipeline.data.transforms import TrainTransform, crop_box, decode_image
 from pipeline.stages.shard import shard_fashion_mnist, shard_image_folder
 
 
@@ -56,9 +56,9 @@ def stream_key(url: str, key: str) -> str:
 
 
 def make_stream(manifest, batch_size: int, *, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 64,
-                num_workers: int = 2, image_size=(16, 16)) -> ShardStream:
+                num_workers: int = 2, image_size=(16, 16), repeats: int = 1) -> ShardStream:
     cfg = StreamConfig(shuffle=shuffle, shuffle_buffer=shuffle_buffer, num_workers=num_workers,
-                       transform=TransformConfig(image_size=image_size))
+                       transform=TransformConfig(image_size=image_size), repeats=repeats)
     return ShardStream(manifest.shard_urls(), [s.num_samples for s in manifest.shards], cfg, batch_size, seed)
 
 
@@ -384,6 +384,36 @@ def fmnist_train(fmnist_shards):
     return m, set(all_keys)
 
 
+def test_repeated_augmentation_gives_each_sample_k_copies_and_keeps_ranks_balanced(fmnist_train):
+    manifest, all_keys = fmnist_train
+    batch, world, k, window = 20, 2, 3, 60
+    runs, where = [], {}  # where[key] -> [(rank, worker, emission index within that worker's stream)]
+    for rank in range(world):
+        ds = make_stream(manifest, batch, seed=3, shuffle_buffer=window, repeats=k)
+        ds.rank, ds.world_size = rank, world
+        loader = StreamLoader(ds, num_workers=2, epoch_fn=lambda: 0)
+        assert len(loader) == 2000 * k // (world * batch) == 150
+        runs.append(take(loader))
+        for i, b in enumerate(runs[-1]):  # rank batch i comes from worker i % 2, its (i // 2)-th batch
+            for pos, key in enumerate(b["key"]):
+                where.setdefault(key, []).append((rank, i % 2, (i // 2) * batch + pos))
+    assert [len(r) for r in runs] == [150, 150]  # every rank the same number of batches
+    assert set(where) == all_keys and all(len(v) == k for v in where.values())  # 6000 = 2000 x 3: none dropped
+    # the copies of a sample travel together: one worker of one rank (two at a share boundary: at most one
+    # sample per boundary), emitted within two consecutive shuffle windows of that worker
+    together = [v for v in where.values() if len({(r, w) for r, w, _ in v}) == 1]
+    assert len(together) >= 2000 - world * 2
+    assert max(max(i for *_, i in v) - min(i for *_, i in v) for v in together) < 2 * window
+    # each copy augmented differently
+    images = {}
+    for run in runs:
+        for b in run:
+            for key, img in zip(b["key"], b["image"]):
+                images.setdefault(key, []).append(img)
+    key = next(iter(images))
+    assert not torch.equal(images[key][0], images[key][1]) and not torch.equal(images[key][1], images[key][2])
+
+
 def test_stream_two_ranks_disjoint_deterministic(fmnist_train):
     manifest, all_keys = fmnist_train
     batch, world = 32, 2
@@ -426,18 +456,18 @@ def test_stream_two_ranks_disjoint_deterministic(fmnist_train):
     assert loaders[0].epoch == 1
 
 
-@pytest.mark.parametrize("num_workers,k", [(0, 5), (2, 3), (2, 8)])
-def test_stream_resume_matches_uninterrupted(fmnist_train, num_workers, k):
+@pytest.mark.parametrize("num_workers,k,repeats", [(0, 5, 1), (2, 3, 1), (2, 8, 1), (2, 7, 3)])
+def test_stream_resume_matches_uninterrupted(fmnist_train, num_workers, k, repeats):
     manifest, _ = fmnist_train
     batch = 64
 
     def fresh() -> StreamLoader:
         # A shuffle window that is not a multiple of the batch: a resume starts mid-window.
-        ds = make_stream(manifest, batch, seed=9, shuffle_buffer=100, num_workers=num_workers)
+        ds = make_stream(manifest, batch, seed=9, shuffle_buffer=100, num_workers=num_workers, repeats=repeats)
         return StreamLoader(ds, num_workers=num_workers, epoch_fn=lambda: 0)
 
     full = take(fresh())
-    assert len(full) == 2000 // batch
+    assert len(full) == 2000 * repeats // batch
     first = fresh()
     head = take(first, limit=k)
     state = first.state_dict()
@@ -598,7 +628,7 @@ def test_crop_box_inside_and_within_bounds(size, scale, ratio):
 
 def test_mae_transform_seeded_and_shaped():
     cfg = TransformConfig(image_size=(16, 12))
-    t = MAETrainTransform(cfg)
+    t = TrainTransform(cfg)
     img = noise_image(np.random.default_rng(4), size=(40, 30))
     a = t(img, random.Random("seed/0/key"))
     b = t(img, random.Random("seed/0/key"))
@@ -612,8 +642,31 @@ def test_mae_transform_seeded_and_shaped():
     assert torch.allclose(white, expect.view(3, 1, 1).expand(3, 16, 12), atol=1e-5)
 
 
+def test_rand_augment_and_random_erasing_are_seeded_per_sample():
+    img = noise_image(np.random.default_rng(7), size=(48, 40))
+    plain = TrainTransform(TransformConfig(image_size=(32, 32)))
+    ra = TrainTransform(TransformConfig(image_size=(32, 32), rand_augment="rand-m9-mstd0.5-inc1"))
+    outs = [ra(img, random.Random(f"s/0/k{i}")) for i in range(8)]
+    assert all(torch.equal(o, ra(img, random.Random(f"s/0/k{i}"))) for i, o in enumerate(outs))  # reproducible
+    changed = [not torch.equal(o, plain(img, random.Random(f"s/0/k{i}"))) for i, o in enumerate(outs)]
+    assert sum(changed) >= 6  # two ops at magnitude ~9 rarely leave an image as it was
+
+    erase = TrainTransform(TransformConfig(image_size=(32, 32), random_erase=1.0))
+    for i in range(20):
+        a, b = plain(img, random.Random(i)), erase(img, random.Random(i))  # same crop and flip, then the box
+        diff = (a != b).any(dim=0)
+        rows, cols = diff.any(dim=1).nonzero().flatten(), diff.any(dim=0).nonzero().flatten()
+        h, w = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+        assert diff[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()  # one solid rectangle
+        assert diff.sum() == h * w and 0.02 * 1024 * 0.7 <= h * w <= 1024 / 3 * 1.2
+    with pytest.raises(ValueError, match="rand_augment 'rand-x9'"):
+        TransformConfig(rand_augment="rand-x9")
+    with pytest.raises(ValueError, match="random_erase 1.5"):
+        TransformConfig(random_erase=1.5)
+
+
 def test_grayscale_bytes_give_three_channels():
-    t = MAETrainTransform(TransformConfig(image_size=(16, 16)))
+    t = TrainTransform(TransformConfig(image_size=(16, 16)))
     gray = noise_image(np.random.default_rng(5), size=(28, 28), mode="L")
     for fmt in ("PNG", "JPEG"):
         img = decode_image(encode(gray, fmt))
@@ -626,7 +679,7 @@ def test_grayscale_bytes_give_three_channels():
 
 
 def test_mae_transform_accepts_grayscale_pil_image():
-    t = MAETrainTransform(TransformConfig(image_size=(16, 16)))
+    t = TrainTransform(TransformConfig(image_size=(16, 16)))
     gray = noise_image(np.random.default_rng(6), size=(28, 28), mode="L")
     assert t(gray, random.Random(0)).shape == (3, 16, 16)
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .plan import EpochPlan, Phase, Segment, consumed_per_worker
 from .tar_io import ReadRetry, read_segment
-from .transforms import MAETrainTransform, TransformConfig, open_image
+from .transforms import TrainTransform, TransformConfig, open_image
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
@@ -39,6 +39,14 @@ class StreamConfig:
     num_workers: int = 2
     transform: TransformConfig = field(default_factory=TransformConfig)
     read: ReadRetry = field(default_factory=ReadRetry)
+    repeats: int = 1
+    """Repeated augmentation (DeiT): each sample is delivered this many times per epoch, each copy with its
+    own augmentation, the copies next to each other in the worker's stream before the window shuffle (so
+    within one or two shuffle windows). An epoch is then ``repeats`` times as many batches."""
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"repeats {self.repeats} must be >= 1")
 
 
 def image_bytes(sample: dict[str, Any]) -> bytes:
@@ -58,13 +66,14 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.urls, self.sizes, self.cfg = urls, sizes, cfg
         self.batch_size, self.seed = batch_size, seed
-        self.transform = MAETrainTransform(cfg.transform)
+        self.transform = TrainTransform(cfg.transform)
         # Set by StreamLoader before each pass.
         self.epoch, self.rank, self.world_size, self.consumed = 0, 0, 1, 0
         self.phases: tuple[Phase, ...] = ()
 
     def plan(self, epoch: int | None = None, phases: tuple[Phase, ...] | None = None) -> EpochPlan:
-        return EpochPlan(tuple(self.sizes), self.epoch if epoch is None else epoch, self.seed, self.world_size,
+        # The plan deals out copies: sample j of a shard is positions j*k .. j*k + k-1 of it (k = repeats).
+        return EpochPlan(tuple(n * self.cfg.repeats for n in self.sizes), self.epoch if epoch is None else epoch, self.seed, self.world_size,
                          self.batch_size, self.cfg.shuffle, self.phases if phases is None else phases)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -88,24 +97,33 @@ class ShardStream(IterableDataset):
                     yield self._collate(batch)
                     batch = []
 
-    def _read(self, segments: list[Segment], skip: int) -> Iterator[dict[str, Any] | None]:
-        """Raw samples of the segments in order, from position ``skip`` on; None marks an unreadable one."""
+    def _read(self, segments: list[Segment], skip: int) -> Iterator[tuple[dict[str, Any] | None, int]]:
+        """(raw sample, copy index) for each position of the segments, from position ``skip`` on; the sample
+        is None when unreadable. A sample is read once for all its copies in a segment."""
+        k = self.cfg.repeats
         for seg in segments:
             if skip >= len(seg):
                 skip -= len(seg)
                 continue
-            yield from read_segment(self.urls[seg.shard], seg.start + skip, len(seg) - skip, self.cfg.read)
+            first, stop = seg.start + skip, seg.stop  # positions (copies) within the shard
+            raw_first, raw_stop = first // k, (stop - 1) // k + 1
+            samples = read_segment(self.urls[seg.shard], raw_first, raw_stop - raw_first, self.cfg.read)
+            for j, sample in enumerate(samples, start=raw_first):
+                for copy in range(max(first - j * k, 0), min(stop - j * k, k)):
+                    yield sample, copy
             skip = 0
 
-    def _decode(self, sample: dict[str, Any] | None, epoch: int) -> tuple[str, Any]:
+    def _decode(self, item: tuple[dict[str, Any] | None, int], epoch: int) -> tuple[str, Any]:
+        sample, copy = item
         if sample is None:
             return "", None
         shard = posixpath.basename(sample["__url__"]).rsplit(".tar", 1)[0]
         key = f"{shard}/{sample['__key__']}"
+        seed = f"{self.seed}/{epoch}/{key}" + (f"/{copy}" if copy else "")  # each copy its own augmentation
         try:
             img = open_image(image_bytes(sample))
             label = int(sample["cls"]) if "cls" in sample else -1
-            x = self.transform(img, random.Random(f"{self.seed}/{epoch}/{key}"))
+            x = self.transform(img, random.Random(seed))
         except Exception as err:
             log.warning("skipping corrupt sample %s: %s", key, err)
             return key, None
@@ -168,7 +186,7 @@ class StreamLoader:
         ds = self.dataset
         return {"shards": list(ds.sizes), "seed": ds.seed, "world_size": ds.world_size,
                 "batch_size": ds.batch_size, "num_workers": self.num_workers, "shuffle": ds.cfg.shuffle,
-                "shuffle_buffer": ds.cfg.shuffle_buffer}
+                "shuffle_buffer": ds.cfg.shuffle_buffer, "repeats": ds.cfg.repeats}
 
     def state_dict(self) -> dict[str, Any]:
         epoch, consumed, phases = self.epoch, self.consumed, self.phases
@@ -179,7 +197,7 @@ class StreamLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = state.get("skipped", 0)
-        saved, now = state["plan"], self.fingerprint()
+        saved, now = {"repeats": 1, **state["plan"]}, self.fingerprint()  # checkpoints from before repeats
         phases = tuple(Phase(**p) for p in state.get("phases", []))
         changed = sorted(k for k, v in now.items() if saved.get(k) != v)
         if not changed:

@@ -20,7 +20,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class TransformConfig:
-    """MAE pretraining augmentation: RandomResizedCrop + horizontal flip + normalisation."""
+    """Training augmentation: RandomResizedCrop + horizontal flip (MAE), optionally RandAugment and random
+    erasing (DeiT: ``rand_augment: rand-m9-mstd0.5-inc1``, ``random_erase: 0.25``, ``crop_scale: [0.08, 1]``),
+    then normalisation."""
 
     image_size: tuple[int, int] = (224, 224)
     crop_scale: tuple[float, float] = (0.2, 1.0)
@@ -28,6 +30,16 @@ class TransformConfig:
     hflip: bool = True
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    rand_augment: str | None = None
+    """timm's RandAugment spec (e.g. ``rand-m9-mstd0.5-inc1``), applied after crop and flip; None: off."""
+    random_erase: float = 0.0
+    """Chance of erasing one rectangle (2-33 % of the image, aspect 0.3-3.3) with per-pixel normal noise."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.random_erase <= 1.0:
+            raise ValueError(f"random_erase {self.random_erase} is not a probability")
+        if self.rand_augment is not None:
+            rand_augment(self.rand_augment, self.mean)  # a malformed spec fails when the recipe loads
 
 
 def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -77,12 +89,43 @@ class Normalise:
         return (x.float().div_(255.0) - self.mean) / self.std
 
 
-class MAETrainTransform:
-    """PIL image -> normalised tensor [3, H, W] with a random resized crop and flip."""
+def rand_augment(spec: str, mean: tuple[float, float, float]):
+    """timm's RandAugment from its spec string; fill colour of geometric ops = the dataset mean."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    try:
+        return rand_augment_transform(spec, {"translate_const": 100, "img_mean": tuple(round(255 * m) for m in mean)})
+    except (AssertionError, ValueError, KeyError, IndexError) as err:
+        raise ValueError(f"rand_augment {spec!r} is not a timm RandAugment spec (e.g. rand-m9-mstd0.5-inc1): "
+                         f"{err}") from None
+
+
+def random_erase(x: torch.Tensor, rng: random.Random, scale: tuple[float, float] = (0.02, 1 / 3),
+                 ratio: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
+    """Erase one rectangle of x [C, H, W] (normalised) with N(0, 1) noise per pixel, in place (timm's
+    RandomErasing, mode "pixel", one box), drawing everything from ``rng``."""
+    c, h, w = x.shape
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = h * w * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < eh < h and 0 < ew < w:
+            top, left = rng.randint(0, h - eh), rng.randint(0, w - ew)
+            noise = torch.randn(c, eh, ew, generator=torch.Generator().manual_seed(rng.getrandbits(63)))
+            x[:, top:top + eh, left:left + ew] = noise
+            break
+    return x
+
+
+class TrainTransform:
+    """PIL image -> normalised tensor [3, H, W]: random resized crop and flip, then RandAugment and random
+    erasing when configured. Every draw comes from the sample's ``rng``."""
 
     def __init__(self, cfg: TransformConfig):
         self.cfg = cfg
         self.to_tensor = Normalise(cfg.mean, cfg.std)
+        self.rand_augment = rand_augment(cfg.rand_augment, cfg.mean) if cfg.rand_augment else None
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
         """``img`` may still be undecoded (``Image.open``): the crop is chosen from the header's size, and a
@@ -100,4 +143,13 @@ class MAETrainTransform:
         img = img.resize((out_w, out_h), Image.BICUBIC, box=(left, top, left + w, top + h))
         if cfg.hflip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return self.to_tensor(img)
+        if self.rand_augment is not None:
+            # timm's ops draw from the global `random` and numpy generators: seed them from this sample's rng
+            # (each loader worker is its own process, so nothing else shares them meanwhile)
+            random.seed(rng.getrandbits(64))
+            np.random.seed(rng.getrandbits(32))
+            img = self.rand_augment(img)
+        x = self.to_tensor(img)
+        if cfg.random_erase and rng.random() < cfg.random_erase:
+            x = random_erase(x, rng)
+        return x

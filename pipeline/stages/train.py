@@ -89,7 +89,9 @@ def plan_run(recipe: RunRecipe, resume: str | None) -> RunPlan:
         probe_write(ckpt.mirror, "writing checkpoints")
     resume_point = find_resume(resume, ckpt)
     datamodule = ShardDataModule(recipe.data, batch_size=1, seed=recipe.seed)
-    schedule, per_device, accumulate = plan_schedule(recipe, datamodule.manifest.num_samples, world)
+    # an epoch delivers every sample `repeats` times (repeated augmentation)
+    samples = datamodule.manifest.num_samples * recipe.data.repeats
+    schedule, per_device, accumulate = plan_schedule(recipe, samples, world)
     datamodule.batch_size = per_device
     return RunPlan(datamodule, schedule, accumulate, resume_point)
 
