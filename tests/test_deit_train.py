@@ -54,3 +54,47 @@ def test_deit_recipe_errors_name_the_field():
         load_recipe("deit/tiny_fmnist", {"model.distill.kind": "soft"})
     with pytest.raises(Exception, match="distill_token must be true"):
         load_recipe("deit/tiny_fmnist", {"model.encoder.distill_token": "false"})
+
+
+def test_killed_deit_run_resumes_to_the_uninterrupted_losses(fmnist_shards, tmp_path, child_env):
+    """Everything random in DeiT (RandAugment, random erasing, repeated copies, mixup / cutmix, stochastic
+    depth) is drawn from the data's keys: a run killed mid-checkpoint and resumed reproduces the losses."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    torch.manual_seed(0)
+    enc = ViTEncoder(ViTConfig(size="tiny", embed_dim=32, depth=1, num_heads=4, image_size=(16, 16), patch_size=4))
+    teacher = write_classifier_export(tmp_path / "teacher", ViTClassifier(enc, 10, pool="cls"), FMNIST)
+
+    def run(work, *extra) -> subprocess.CompletedProcess:
+        o = overrides(fmnist_shards, work, **{
+            "trainer.max_steps": 8, "checkpoint.every_n_steps": 3, "trainer.sample_trace": work / "trace.jsonl",
+            "data.repeats": 2, "data.num_workers": 2, "data.shuffle_buffer": 40,
+            "data.transform.rand_augment": "rand-m9-mstd0.5-inc1", "data.transform.random_erase": 0.25,
+            "model.mixup.prob": 1.0, "model.encoder.drop_path": 0.1,
+            "model.distill.kind": "soft", "model.teacher.model": teacher})
+        return subprocess.run([sys.executable, str(REPO / "tests" / "run_pretrain.py"), json.dumps(o), "--recipe",
+                               "deit/tiny_fmnist", *extra], env=child_env, capture_output=True, text=True,
+                              timeout=600)
+
+    def trace(work) -> dict[int, tuple[list[str], float]]:
+        return {r["step"]: (r["keys"], r["loss"])
+                for r in map(json.loads, (work / "trace.jsonl").read_text().splitlines())}
+
+    ref = run(tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    killed = tmp_path / "killed"
+    assert run(killed, "--kill-in-checkpoint-at", "6").returncode == -9
+    resumed = run(killed)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and "step-00000003" in resumed.stderr
+    want, got = trace(tmp_path / "ref"), trace(killed)
+    assert sorted(got) == sorted(want) == list(range(1, 9))
+    for step in want:
+        assert got[step][0] == want[step][0], f"step {step}: other samples"
+        assert got[step][1] == pytest.approx(want[step][1], rel=1e-5), f"step {step}"
+    keys = [k for step in want for k in want[step][0]]
+    assert len(keys) - len(set(keys)) > 0  # repeated copies of samples did occur

@@ -7,13 +7,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..models.deit import DistilledViT
 from ..models.vit import ViTConfig, ViTEncoder
 from ..registry.teacher import TeacherConfig
-from .base import Schedule, StreamTask
+from .base import Schedule, StreamTask, sample_seed
 from .distill import DistillConfig, distillation_loss
 from .mixing import MixupConfig, build_mixup, mix
 from .optim import OptimConfig, build_optimizer
@@ -63,6 +64,7 @@ class DeiTTask(StreamTask):
         if (labels < 0).any() or (labels >= self.cfg.num_classes).any():
             raise ValueError(f"labels outside [0, {self.cfg.num_classes}) in batch {batch_idx}: shard with class "
                              "labels, or fix model.num_classes")
+        self.seed_batch(batch.get("key") or [str(batch_idx)])
         imgs, target = mix(self.mixup, imgs, labels)  # the teacher sees the same mixed images, as in DeiT
         teacher_logits = None
         if self._teacher:
@@ -77,6 +79,13 @@ class DeiTTask(StreamTask):
             self.log("train/top1", ((cls + dist).argmax(-1) == labels).float().mean(), batch_size=imgs.shape[0])
         self.record_loss(parts["loss"], imgs.shape[0])
         return parts["loss"]
+
+    def seed_batch(self, keys: list[str]) -> None:
+        """Seed the generators timm's Mixup (numpy) and stochastic depth (torch) draw from with the batch's
+        sample keys: a resumed run draws what the uninterrupted one drew for the same batch."""
+        s = sample_seed(self.schedule.seed, self.current_epoch, "|".join(keys))
+        np.random.seed(s % 2**32)
+        torch.manual_seed(s)
 
     def configure_optimizers(self):
         s = self.schedule

@@ -1,18 +1,13 @@
 """MAE pretraining as a LightningModule: masking noise, loss, optimizer, schedule and throughput logging."""
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
 
 from ..models import MAE, MAEConfig
-from .base import Schedule, StreamTask
+from .base import Schedule, StreamTask, sample_seed
 from .optim import OptimConfig, build_optimizer
-
-
-def sample_seed(seed: int, epoch: int, key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest(), "little") >> 1
 
 
 class MAEPretrainTask(StreamTask):
