@@ -6,10 +6,12 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline.checkpoint.export import write_classifier_export
+from pipeline.checkpoint.export import export_checkpoint, load_classifier, write_classifier_export
+from pipeline.models.deit import DistilledViT
 from pipeline.models.classifier import ViTClassifier
 from pipeline.models.vit import ViTConfig, ViTEncoder
 from pipeline.recipe import load_recipe
+from pipeline.registry import resolve_model
 from pipeline.stages.pretrain import pretrain
 
 pytestmark = pytest.mark.slow
@@ -27,12 +29,28 @@ def metrics(work, run_id: str) -> set[str]:
     return set(MlflowClient(f"sqlite:///{work / 'mlflow.db'}").get_run(run_id).data.metrics)
 
 
-def test_deit_without_a_teacher_trains_and_checkpoints(fmnist_shards, tmp_path):
-    result = pretrain(load_recipe("deit/tiny_fmnist", overrides(fmnist_shards, tmp_path)), resume="none")
+def test_deit_without_a_teacher_trains_evaluates_and_registers(fmnist_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("VITPIPE_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe("deit/tiny_fmnist", overrides(fmnist_shards, tmp_path, **{
+        "register.name": "deit-student", "model.eval_limit": 200}))
+    result = pretrain(recipe, resume="none")
     assert result.global_step == 4 and result.checkpoint.name == "step-00000004"
-    assert torch.isfinite(torch.tensor(result.last_loss))
-    assert {"train/loss", "train/loss_label", "train/loss_distill"} <= metrics(tmp_path, result.run_id)
-    assert "perf/teacher_s" not in metrics(tmp_path, result.run_id)
+    logged = metrics(tmp_path, result.run_id)
+    assert {"train/loss", "train/loss_label", "train/loss_distill", "val/top1"} <= logged
+    assert "perf/teacher_s" not in logged
+
+    # registered: the export holds both heads and loads as the same model as the checkpoint's weights
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ref = resolve_model("models:/deit-student@candidate", uri)
+    registered = load_classifier(ref.folder).eval()
+    assert isinstance(registered, DistilledViT) and ref.metadata()["encoder"]["distill_token"]
+    exported = load_classifier(export_checkpoint(result.checkpoint, tmp_path / "again")).eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(registered(imgs), exported(imgs), rtol=0, atol=0)
+        cls, dist = registered.both_logits(imgs)
+        torch.testing.assert_close(registered(imgs), (cls + dist) / 2)
+    assert ref.tags["vitpipe.eval.deit_top1"] == f"{ref.metadata()['val_top1']:.4f}"
 
 
 def test_deit_with_hard_distillation_from_an_exported_teacher(fmnist_shards, tmp_path):

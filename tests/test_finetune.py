@@ -12,7 +12,8 @@ from pipeline.models import ViTConfig, ViTEncoder
 from pipeline.models.classifier import ViTClassifier, set_drop_path
 from pipeline.recipe import load_recipe
 from pipeline.registry import resolve_model
-from pipeline.stages.finetune import finetune, held_out_top1
+from pipeline.stages.finetune import finetune
+from pipeline.stages.held_out import held_out_top1
 from pipeline.stages.pretrain import pretrain
 from pipeline.tasks.optim import layer_decay_groups
 

@@ -280,7 +280,7 @@ def test_finetune_under_zero3_evaluates_and_registers_the_trained_weights(runs, 
     from pipeline.checkpoint.state import read_module_state, submodule_state
     from pipeline.recipe import load_recipe
     from pipeline.registry import resolve_model
-    from pipeline.stages.finetune import held_out_top1
+    from pipeline.stages.held_out import held_out_top1
 
     monkeypatch.setenv("VITPIPE_CACHE", str(tmp_path / "cache"))
     init = export_checkpoint(runs[3] / "ckpt" / f"step-{STEPS:08d}", tmp_path / "init")

@@ -23,6 +23,7 @@ from ..config import build, digest, to_dict
 from ..models import MAE, MAEConfig, ViTConfig, ViTEncoder
 from ..models.mae import DecoderConfig
 from ..models.classifier import ViTClassifier
+from ..models.deit import DistilledViT
 from .state import read_module_state, submodule_state
 from .store import CONFIG, MARKER, STATE
 
@@ -41,14 +42,19 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     if not (ckpt / MARKER).is_file():
         raise FileNotFoundError(f"{ckpt}: not a complete checkpoint (no {MARKER} marker)")
     recipe = yaml.safe_load((ckpt / CONFIG).read_text())
+    transform = recipe.get("data", {}).get("transform", {})
+    normalisation = {"mean": transform.get("mean"), "std": transform.get("std")}
+    extra = {"recipe_name": recipe.get("name"), "recipe_hash": digest(recipe),
+             "step": json.loads((ckpt / MARKER).read_text())["step"], "source_checkpoint": str(ckpt.resolve())}
+    if recipe.get("task") == "deit":  # a DeiT student: encoder + both heads
+        m = recipe["model"]
+        model = DistilledViT(ViTEncoder(build(ViTConfig, m["encoder"], "model.encoder")), m["num_classes"],
+                             m.get("head", "both"))
+        model.load_state_dict(submodule_state(read_module_state(ckpt / STATE)))
+        return write_classifier_export(out, model, normalisation, extra)
     model = MAE(build(MAEConfig, recipe["model"], "model"))
     model.load_state_dict(submodule_state(read_module_state(ckpt / STATE)))
-    transform = recipe.get("data", {}).get("transform", {})
-    return write_export(out, model.encoder, model,
-                        normalisation={"mean": transform.get("mean"), "std": transform.get("std")},
-                        extra={"recipe_name": recipe.get("name"), "recipe_hash": digest(recipe),
-                               "step": json.loads((ckpt / MARKER).read_text())["step"],
-                               "source_checkpoint": str(ckpt.resolve())})
+    return write_export(out, model.encoder, model, normalisation=normalisation, extra=extra)
 
 
 def write_export(out: str | Path, encoder: ViTEncoder, mae: MAE | None = None,
@@ -124,22 +130,29 @@ def load_mae(folder: str | Path) -> MAE:
     return mae
 
 
-def write_classifier_export(out: str | Path, model: ViTClassifier, normalisation: dict[str, Any] | None,
+def write_classifier_export(out: str | Path, model: ViTClassifier | DistilledViT, normalisation: dict[str, Any] | None,
                             extra: dict[str, Any] | None = None) -> Path:
-    """A fine-tuned classifier: the usual encoder export plus ``head.safetensors`` (pooling norm and linear
-    head) and a ``classifier`` metadata entry, so evaluation and fine-tuning load its encoder as any other."""
-    head = {f"{part}.{k}": v for part in ("fc_norm", "head") for k, v in _tensors(getattr(model, part)).items()}
-    info = {"classifier": {"num_classes": model.num_classes, "pool": model.pool}}
-    out = write_export(out, model.encoder, None, normalisation, {**info, **(extra or {})})
+    """A trained classifier: the usual encoder export plus ``head.safetensors`` (a fine-tuned classifier's pooling
+    norm and head, or a DeiT model's two heads) and a ``classifier`` metadata entry, so evaluation and
+    fine-tuning load its encoder as any other, and a DeiT student can use it as a teacher."""
+    if isinstance(model, DistilledViT):
+        parts = ("head", "head_dist")
+        info = {"num_classes": model.num_classes, "pool": "cls", "distilled": True, "head": model.head_mode}
+    else:
+        parts, info = ("fc_norm", "head"), {"num_classes": model.num_classes, "pool": model.pool}
+    head = {f"{part}.{k}": v for part in parts for k, v in _tensors(getattr(model, part)).items()}
+    out = write_export(out, model.encoder, None, normalisation, {"classifier": info, **(extra or {})})
     save_file(head, str(Path(out) / "head.safetensors"))
     return out
 
 
-def load_classifier(folder: str | Path, image_size: tuple[int, int] | None = None) -> ViTClassifier:
+def load_classifier(folder: str | Path, image_size: tuple[int, int] | None = None) -> ViTClassifier | DistilledViT:
     info = read_metadata(folder).get("classifier")
     if info is None:
         raise ValueError(f"{folder}: an encoder export without a classification head")
-    model = ViTClassifier(load_encoder(folder, image_size), info["num_classes"], info["pool"])
+    encoder = load_encoder(folder, image_size)
+    model = (DistilledViT(encoder, info["num_classes"], info.get("head", "both")) if info.get("distilled")
+             else ViTClassifier(encoder, info["num_classes"], info["pool"]))
     head = load_file(str(Path(folder) / "head.safetensors"))
     missing, unexpected = model.load_state_dict(head, strict=False)
     if unexpected or any(not k.startswith("encoder.") for k in missing):

@@ -7,40 +7,24 @@ from typing import Sequence
 import lightning as L
 
 from ..recipe import DeiTRecipe, Recipe
-from ..registry.teacher import load_teacher
 from ..tasks import MAEPretrainTask
-from ..tasks.deit import DeiTTask
-from ..tracking import resolve_uri
 from ..tracking.callbacks import ReconstructionImages
 from .register import register_checkpoint
-from .train import RunPlan, TrainResult, fit, plan_run
+from .deit import train_deit
+from .train import TrainResult, fit, plan_run
 
 PretrainResult = TrainResult
 
 
-def deit_task(recipe: DeiTRecipe, plan: RunPlan) -> DeiTTask:
-    """The student, and the teacher loaded (offline) from the registry, an export or a local timm file."""
-    m, t = recipe.model, recipe.data.transform
-    teacher = None
-    if m.distill.kind != "none":
-        teacher = load_teacher(m.teacher, resolve_uri(recipe.tracking), {"mean": list(t.mean), "std": list(t.std)})
-    task = DeiTTask(m, recipe.optim, plan.schedule, teacher)
-    task.model.encoder.grad_checkpointing = recipe.trainer.activation_checkpointing
-    return task
-
-
 def pretrain(recipe: Recipe | DeiTRecipe, resume: str | None = "auto",
              extra_callbacks: Sequence[L.Callback] = ()) -> TrainResult:
-    plan = plan_run(recipe, resume)
-    callbacks: list[L.Callback] = []
     if isinstance(recipe, DeiTRecipe):
-        if recipe.register.name:
-            raise ValueError("register.name: DeiT models cannot be registered yet (their export is not written)")
-        task = deit_task(recipe, plan)
-    else:
-        task = MAEPretrainTask(recipe.model, recipe.optim, plan.schedule)
-        task.model.set_grad_checkpointing(recipe.trainer.activation_checkpointing)
-    if recipe.tracking.recon_every_n_steps and isinstance(task, MAEPretrainTask):
+        return train_deit(recipe, resume, extra_callbacks)
+    plan = plan_run(recipe, resume)
+    task = MAEPretrainTask(recipe.model, recipe.optim, plan.schedule)
+    task.model.set_grad_checkpointing(recipe.trainer.activation_checkpointing)
+    callbacks: list[L.Callback] = []
+    if recipe.tracking.recon_every_n_steps:
         t = recipe.data.transform
         callbacks.append(ReconstructionImages(recipe.tracking.recon_every_n_steps, t.mean, t.std))
     callbacks.extend(extra_callbacks)

@@ -33,6 +33,10 @@ class DeiTConfig:
     mixup: MixupConfig = field(default_factory=MixupConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    eval_crop_pct: float = 0.875
+    """Centre-crop fraction of the held-out evaluation at the end of the run."""
+    eval_limit: int | None = None
+    """Evaluate on the first this-many held-out samples (None: all)."""
 
     def __post_init__(self) -> None:
         if not self.encoder.distill_token:
