@@ -73,7 +73,8 @@ class ShardStream(IterableDataset):
 
     def plan(self, epoch: int | None = None, phases: tuple[Phase, ...] | None = None) -> EpochPlan:
         # The plan deals out copies: sample j of a shard is positions j*k .. j*k + k-1 of it (k = repeats).
-        return EpochPlan(tuple(n * self.cfg.repeats for n in self.sizes), self.epoch if epoch is None else epoch, self.seed, self.world_size,
+        copies = tuple(n * self.cfg.repeats for n in self.sizes)
+        return EpochPlan(copies, self.epoch if epoch is None else epoch, self.seed, self.world_size,
                          self.batch_size, self.cfg.shuffle, self.phases if phases is None else phases)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
