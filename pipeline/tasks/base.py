@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 
 
@@ -41,6 +42,13 @@ class StreamTask(L.LightningModule):
     def record_loss(self, loss: torch.Tensor, batch_size: int) -> None:
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self._last_loss = loss.detach()
+
+    def seed_batch(self, keys: list[str]) -> None:
+        """Seed the global generators that batch-level randomness draws from (timm's Mixup: numpy; stochastic
+        depth: torch) with the batch's sample keys: a resumed run draws what the uninterrupted one drew."""
+        s = sample_seed(self.schedule.seed, self.current_epoch, "|".join(keys))
+        np.random.seed(s % 2**32)
+        torch.manual_seed(s)
 
     def zero_step(self) -> torch.Tensor:
         """A step with zero gradient, for a batch whose samples were all corrupt (ranks must stay in step)."""

@@ -7,17 +7,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..models.deit import DistilledViT
 from ..models.vit import ViTConfig, ViTEncoder
 from ..registry.teacher import TeacherConfig
-from .base import Schedule, StreamTask, sample_seed
+from .base import Schedule
 from .distill import DistillConfig, distillation_loss
-from .mixing import MixupConfig, build_mixup, mix
-from .optim import OptimConfig, build_optimizer
+from .mixing import MixupConfig
+from .optim import OptimConfig
+from .supervised import SupervisedTask
 
 
 @dataclass
@@ -46,13 +46,12 @@ class DeiTConfig:
                              "(set a teacher, or distill.kind: none for supervised training alone)")
 
 
-class DeiTTask(StreamTask):
+class DeiTTask(SupervisedTask):
     def __init__(self, cfg: DeiTConfig, optim_cfg: OptimConfig, schedule: Schedule,
                  teacher: nn.Module | None = None):
-        super().__init__()
-        self.cfg, self.optim_cfg, self.schedule = cfg, optim_cfg, schedule
-        self.model = DistilledViT(ViTEncoder(cfg.encoder), cfg.num_classes, cfg.head)
-        self.mixup = build_mixup(cfg.mixup, cfg.num_classes, cfg.label_smoothing)
+        model = DistilledViT(ViTEncoder(cfg.encoder), cfg.num_classes, cfg.head)
+        super().__init__(model, cfg.num_classes, cfg.label_smoothing, cfg.mixup, optim_cfg, schedule)
+        self.cfg = cfg
         # Kept out of the module tree: not trained, not in checkpoints, not partitioned by ZeRO.
         self._teacher = (teacher,) if teacher is not None and cfg.distill.kind != "none" else ()
 
@@ -62,36 +61,19 @@ class DeiTTask(StreamTask):
             self._teacher[0].to(device=self.device, dtype=dtype)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        imgs, labels = batch["image"], batch["label"]
-        if imgs.shape[0] == 0:
+        if batch["image"].shape[0] == 0:
             return self.zero_step()
-        if (labels < 0).any() or (labels >= self.cfg.num_classes).any():
-            raise ValueError(f"labels outside [0, {self.cfg.num_classes}) in batch {batch_idx}: shard with class "
-                             "labels, or fix model.num_classes")
-        self.seed_batch(batch.get("key") or [str(batch_idx)])
-        imgs, target = mix(self.mixup, imgs, labels)  # the teacher sees the same mixed images, as in DeiT
+        imgs, target = self.mixed(batch, batch_idx)  # the teacher sees the same mixed images, as in DeiT
         teacher_logits = None
         if self._teacher:
             start = time.perf_counter()
             teacher_logits = self._teacher[0](imgs)
             self.log("perf/teacher_s", time.perf_counter() - start, batch_size=1)
         cls, dist = self.model.both_logits(imgs)
-        parts = distillation_loss(cls, dist, target, teacher_logits, self.cfg.distill, self.cfg.label_smoothing)
+        parts = distillation_loss(cls, dist, target, teacher_logits, self.cfg.distill, self.label_smoothing)
         self.log("train/loss_label", parts["label"], batch_size=imgs.shape[0])
         self.log("train/loss_distill", parts["distill"], batch_size=imgs.shape[0])
         if target.dim() == 1:
-            self.log("train/top1", ((cls + dist).argmax(-1) == labels).float().mean(), batch_size=imgs.shape[0])
+            self.log("train/top1", ((cls + dist).argmax(-1) == target).float().mean(), batch_size=imgs.shape[0])
         self.record_loss(parts["loss"], imgs.shape[0])
         return parts["loss"]
-
-    def seed_batch(self, keys: list[str]) -> None:
-        """Seed the generators timm's Mixup (numpy) and stochastic depth (torch) draw from with the batch's
-        sample keys: a resumed run draws what the uninterrupted one drew for the same batch."""
-        s = sample_seed(self.schedule.seed, self.current_epoch, "|".join(keys))
-        np.random.seed(s % 2**32)
-        torch.manual_seed(s)
-
-    def configure_optimizers(self):
-        s = self.schedule
-        opt, sched = build_optimizer(self.model, self.optim_cfg, s.effective_batch, s.total_steps, s.warmup_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

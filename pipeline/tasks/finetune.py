@@ -3,14 +3,14 @@ layer-wise lr decay, drop path, mixup / cutmix, label smoothing)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-import torch
 
 from ..models.classifier import ViTClassifier
-from .base import Schedule, StreamTask
-from .mixing import MixupConfig, build_mixup, label_loss, mix
-from .optim import FinetuneOptimConfig, build_optimizer, layer_decay_groups
+from .base import Schedule
+from .mixing import MixupConfig
+from .optim import FinetuneOptimConfig, layer_decay_groups
+from .supervised import SupervisedTask
 
 
 @dataclass
@@ -37,32 +37,13 @@ class FinetuneConfig:
         self.image_size = tuple(self.image_size)
 
 
-class FinetuneTask(StreamTask):
+class FinetuneTask(SupervisedTask):
     def __init__(self, model: ViTClassifier, cfg: FinetuneConfig, optim_cfg: FinetuneOptimConfig,
                  schedule: Schedule):
-        super().__init__()
-        self.model, self.cfg, self.optim_cfg, self.schedule = model, cfg, optim_cfg, schedule
-        self.mixup = build_mixup(cfg.mixup, cfg.num_classes, cfg.label_smoothing)
+        super().__init__(model, cfg.num_classes, cfg.label_smoothing, cfg.mixup, optim_cfg, schedule)
+        self.cfg = cfg
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        imgs, labels = batch["image"], batch["label"]
-        if imgs.shape[0] == 0:
-            return self.zero_step()
-        if (labels < 0).any() or (labels >= self.cfg.num_classes).any():
-            bad = [k for k, y in zip(batch.get("key", []), labels.tolist()) if not 0 <= y < self.cfg.num_classes]
-            raise ValueError(f"samples without a label in [0, {self.cfg.num_classes}): {bad[:5]} "
-                             f"(shard them with class labels, or fix model.num_classes)")
-        imgs, target = mix(self.mixup, imgs, labels)  # target: soft labels [B, C] when mixed
-        logits = self.model(imgs)
-        loss = label_loss(logits, target, self.cfg.label_smoothing)
-        if target.dim() == 1:
-            self.log("train/top1", (logits.argmax(-1) == labels).float().mean(), batch_size=imgs.shape[0])
-        self.record_loss(loss, imgs.shape[0])
-        return loss
-
-    def configure_optimizers(self):
-        s, o = self.schedule, self.optim_cfg
+    def param_groups(self) -> list[dict]:
+        o = self.optim_cfg
         depth = len(self.model.encoder.blocks)
-        groups = layer_decay_groups(self.model, o.weight_decay, o.layer_decay, self.model.layer_id, depth + 1)
-        opt, sched = build_optimizer(self.model, o, s.effective_batch, s.total_steps, s.warmup_steps, groups)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return layer_decay_groups(self.model, o.weight_decay, o.layer_decay, self.model.layer_id, depth + 1)
