@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             from .stages.pretrain import pretrain
 
             recipe = load_recipe(args.config, parse_overrides(rest))
-            if recipe.task not in ("mae", "deit"):
+            if recipe.task not in ("mae", "deit", "classify"):
                 raise ConfigError(f"{args.config}: task is {recipe.task!r}; use `vitpipe {recipe.task}`")
             pretrain(recipe, resume=args.resume)
         elif args.command == "finetune":

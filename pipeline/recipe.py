@@ -16,6 +16,7 @@ from .models import MAEConfig
 from .resources import find_recipe
 from .tasks import FinetuneConfig, FinetuneOptimConfig, OptimConfig
 from .tasks.deit import DeiTConfig
+from .tasks.supervised import TimmClassifierConfig
 from .tracking import TrackingConfig
 
 
@@ -132,7 +133,21 @@ class DeiTRecipe(RunRecipe):
         return tuple(self.model.encoder.image_size)
 
 
-RECIPE_TYPES: dict[str, type[RunRecipe]] = {"mae": Recipe, "finetune": FinetuneRecipe, "deit": DeiTRecipe}
+@dataclass
+class ClassifyRecipe(RunRecipe):
+    """A timm classifier trained from scratch on labelled shards, e.g. the CNN teacher of a DeiT student."""
+
+    task: Literal["classify"] = "classify"
+    model: TimmClassifierConfig = field(default_factory=TimmClassifierConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(base_lr=5e-4, betas=(0.9, 0.999),
+                                                                   warmup_epochs=5.0, min_lr=1e-5))
+
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.model.image_size)
+
+
+RECIPE_TYPES: dict[str, type[RunRecipe]] = {"mae": Recipe, "finetune": FinetuneRecipe, "deit": DeiTRecipe,
+                                            "classify": ClassifyRecipe}
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:

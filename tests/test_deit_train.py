@@ -116,3 +116,30 @@ def test_killed_deit_run_resumes_to_the_uninterrupted_losses(fmnist_shards, tmp_
         assert got[step][1] == pytest.approx(want[step][1], rel=1e-5), f"step {step}"
     keys = [k for step in want for k in want[step][0]]
     assert len(keys) - len(set(keys)) > 0  # repeated copies of samples did occur
+
+
+def test_cnn_teacher_trained_and_registered_by_the_pipeline_teaches_a_student(fmnist_shards, tmp_path, monkeypatch):
+    """The acceptance chain in miniature: classify/resnet_fmnist registers a timm CNN, a DeiT student distils
+    from it by alias; the teacher the student used is the registered one (same logits as the checkpoint's)."""
+    from pipeline.checkpoint.state import read_module_state, submodule_state
+    from pipeline.checkpoint.timm_export import build_timm
+    from pipeline.registry.teacher import TeacherConfig, load_teacher
+
+    monkeypatch.setenv("VITPIPE_CACHE", str(tmp_path / "cache"))
+    cnn = pretrain(load_recipe("classify/resnet_fmnist", overrides(fmnist_shards, tmp_path / "cnn", **{
+        "model.eval_limit": 100, "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})), resume="none")
+    assert "val/top1" in metrics(tmp_path, cnn.run_id)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trained = build_timm("resnet10t", 10, 3).eval()
+    trained.load_state_dict(submodule_state(read_module_state(cnn.checkpoint / "state.ckpt")))
+    teacher = load_teacher(TeacherConfig(model="models:/vitpipe-demo-cnn@teacher"), uri, FMNIST)
+    imgs = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(imgs), trained(imgs), rtol=1e-6, atol=1e-6)  # same statistics
+
+    student = pretrain(load_recipe("deit/tiny_fmnist", overrides(fmnist_shards, tmp_path / "student", **{
+        "model.distill.kind": "hard", "model.teacher.model": "models:/vitpipe-demo-cnn@teacher",
+        "model.eval_limit": 100, "tracking.uri": uri})), resume="none")
+    run = MlflowClient(uri).get_run(student.run_id)
+    assert run.data.tags["vitpipe.teacher"] == "models:/vitpipe-demo-cnn@teacher"
+    assert {"perf/teacher_s", "train/loss_distill", "val/top1"} <= set(run.data.metrics)

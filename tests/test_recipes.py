@@ -18,6 +18,7 @@ RECIPES = list_recipes()
 MAE_RECIPES = [r for r in RECIPES if r.startswith("mae/")]
 FINETUNE_RECIPES = [r for r in RECIPES if r.startswith("finetune/")]
 DEIT_RECIPES = [r for r in RECIPES if r.startswith("deit/")]
+CLASSIFY_RECIPES = [r for r in RECIPES if r.startswith("classify/")]
 BIG = {"mae/vit_base16": ("base", 16), "mae/vit_large16": ("large", 16), "mae/vit_huge14": ("huge", 14)}
 # The MAE repository's fine-tuning commands: (base lr, layer decay, drop path, epochs).
 BIG_FINETUNE = {"finetune/vit_base16": (5e-4, 0.65, 0.1, 100), "finetune/vit_large16": (1e-3, 0.75, 0.2, 50),
@@ -47,7 +48,7 @@ def test_builtin_recipes_are_listed():
 
 
 def test_recipe_families_are_all_covered():
-    assert set(RECIPES) == set(MAE_RECIPES) | set(FINETUNE_RECIPES) | set(DEIT_RECIPES)
+    assert set(RECIPES) == set(MAE_RECIPES) | set(FINETUNE_RECIPES) | set(DEIT_RECIPES) | set(CLASSIFY_RECIPES)
     assert set(BIG_FINETUNE) <= set(FINETUNE_RECIPES) and "finetune/tiny_fmnist" in FINETUNE_RECIPES
 
 
@@ -57,6 +58,16 @@ def test_deit_recipes_parse_with_a_distillation_token(name):
     assert r.task == "deit" and r.model.encoder.distill_token and r.model.num_classes > 1
     assert tuple(r.data.transform.image_size) == tuple(r.model.encoder.image_size)
     assert r.model.label_smoothing == 0.1 and r.optim.weight_decay == 0.05
+
+
+@pytest.mark.parametrize("name", CLASSIFY_RECIPES)
+def test_classify_recipes_build_a_timm_model_offline(name):
+    from pipeline.checkpoint.timm_export import build_timm
+
+    r = load_recipe(name)
+    assert r.task == "classify" and r.register.name
+    model = build_timm(r.model.arch, r.model.num_classes, r.model.in_chans).eval()
+    assert model(torch.zeros(1, r.model.in_chans, *r.model.image_size)).shape == (1, r.model.num_classes)
 
 
 @pytest.mark.parametrize("name", FINETUNE_RECIPES)

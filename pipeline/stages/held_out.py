@@ -2,6 +2,9 @@
 to the run, and the classifier exported and registered when the recipe names a registered model."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import torch
 from mlflow import MlflowClient
 from torch import nn
@@ -26,15 +29,17 @@ def held_out_top1(model: nn.Module, recipe: RunRecipe) -> tuple[float, int]:
     return (out.feats.argmax(-1) == out.labels).float().mean().item(), len(out.labels)
 
 
-def report_classifier(trained: nn.Module, recipe: RunRecipe, result: TrainResult, stage: str) -> float:
-    """Held-out top-1 -> ``val/top1`` of the run; export + register when ``register.name`` is set."""
+def report_classifier(trained: nn.Module, recipe: RunRecipe, result: TrainResult, stage: str,
+                      write: Callable[..., Path] = write_classifier_export) -> float:
+    """Held-out top-1 -> ``val/top1`` of the run; export (``write(out, model, normalisation, extra)``) and
+    register when ``register.name`` is set."""
     top1, n = held_out_top1(trained, recipe)
     client = MlflowClient(result.tracking_uri)
     client.log_metric(result.run_id, "val/top1", top1, step=result.global_step)
     print(f"{stage}: held-out top-1 {top1:.4f} on {n} samples of {recipe.data.val}")
     if recipe.register.name:
         t = recipe.data.transform
-        out = write_classifier_export(result.checkpoint.parent / "exports" / result.checkpoint.name, trained,
+        out = write(result.checkpoint.parent / "exports" / result.checkpoint.name, trained,
                                       {"mean": list(t.mean), "std": list(t.std)},
                                       {"recipe_name": recipe.name, "recipe_hash": recipe.digest(),
                                        "step": result.global_step, "val_top1": top1})
