@@ -52,12 +52,40 @@ def test_recipe_families_are_all_covered():
     assert set(BIG_FINETUNE) <= set(FINETUNE_RECIPES) and "finetune/tiny_fmnist" in FINETUNE_RECIPES
 
 
+# size, patch, drop path, layer scale (DeiT-S/B as in DeiT; L/H with DeiT III's layer scale and drop path)
+DEIT_BIG = {"deit/deit_small16": ("small", 16, 0.1, None), "deit/deit_base16": ("base", 16, 0.1, None),
+            "deit/vit_large16": ("large", 16, 0.4, 1e-4), "deit/vit_huge14": ("huge", 14, 0.5, 1e-4)}
+
+
 @pytest.mark.parametrize("name", DEIT_RECIPES)
-def test_deit_recipes_parse_with_a_distillation_token(name):
+def test_deit_recipes_parse_and_their_students_build_tiny(name):
+    from pipeline.tasks.deit import DeiTTask
+
     r = load_recipe(name)
     assert r.task == "deit" and r.model.encoder.distill_token and r.model.num_classes > 1
     assert tuple(r.data.transform.image_size) == tuple(r.model.encoder.image_size)
     assert r.model.label_smoothing == 0.1 and r.optim.weight_decay == 0.05
+    patch = r.model.encoder.patch_size
+    tiny = load_recipe(name, {k: v for k, v in shrink(patch).items() if not k.startswith("model.decoder")})
+    task = DeiTTask(tiny.model, tiny.optim, Schedule(10, 2, tiny.trainer.global_batch))
+    cls, dist = task.model.both_logits(torch.randn(2, 3, *tiny.model.encoder.image_size))
+    assert cls.shape == dist.shape == (2, r.model.num_classes)
+
+
+@pytest.mark.parametrize("name", sorted(DEIT_BIG))
+def test_big_deit_recipes_keep_the_papers_settings(name):
+    r = load_recipe(name)
+    e, t = r.model.encoder, r.data.transform
+    assert (e.size, e.patch_size, e.drop_path, e.layer_scale) == DEIT_BIG[name]
+    assert (e.image_size, e.pos_embed, r.model.distill.kind, r.model.distill.alpha) == ((224, 224), "learned",
+                                                                                        "hard", 0.5)
+    # lr 5e-4 x batch / 512, AdamW (0.9, 0.999), 5 warm-up epochs; DeiT's 300 epochs = 100 x 3 repeats
+    assert (r.optim.base_lr, r.optim.betas, r.optim.warmup_epochs, r.trainer.global_batch) == (
+        2.5e-4, (0.9, 0.999), 5.0, 1024)
+    assert (r.data.repeats, r.trainer.max_epochs, t.crop_scale, t.rand_augment, t.random_erase) == (
+        3, 100, (0.08, 1.0), "rand-m9-mstd0.5-inc1", 0.25)
+    assert (r.model.mixup.mixup_alpha, r.model.mixup.cutmix_alpha) == (0.8, 1.0)
+    assert r.model.teacher.model.startswith("models:/")
 
 
 @pytest.mark.parametrize("name", CLASSIFY_RECIPES)
@@ -321,10 +349,10 @@ def test_slurm_master_address_is_the_first_nodes_nodeaddr(tmp_path, monkeypatch)
 
 
 def test_large_recipes_train_under_deepspeed():
-    for kind in ("mae", "finetune"):
-        for size in ("vit_base16", "vit_large16", "vit_huge14"):
-            recipe = load_recipe(f"{kind}/{size}")
-            assert recipe.trainer.strategy == "deepspeed" and recipe.zero.stage in (2, 3), f"{kind}/{size}"
+    big = [f"{kind}/{size}" for kind in ("mae", "finetune") for size in ("vit_base16", "vit_large16", "vit_huge14")]
+    for name in [*big, "deit/deit_base16", "deit/vit_large16", "deit/vit_huge14"]:
+        recipe = load_recipe(name)
+        assert recipe.trainer.strategy == "deepspeed" and recipe.zero.stage in (2, 3), name
 
 
 def test_world_size_reads_os_environ_by_default(monkeypatch):
