@@ -5,7 +5,7 @@ Every stage is a `vitpipe` command (printed before it runs) in one work folder w
 the table gives each model's held-out top-1 on the 10,000 test images (logged as ``val/top1`` by the stage),
 its wall time, and for the students the mean teacher forward time per step (``perf/teacher_s``).
 
-    python benchmarks/deit_fmnist.py --steps 300 [--work /tmp/deit-fmnist] [--soft]
+    python benchmarks/deit_fmnist.py --steps 300 --teacher-steps 600 [--work /tmp/deit-fmnist] [--soft]
 """
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def last_run(client: MlflowClient, tag: str, value: str) -> tuple[float, float |
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps of each student")
+    p.add_argument("--teacher-steps", type=int, default=600, help="optimizer steps of the CNN teacher")
     p.add_argument("--work", default="/tmp/deit-fmnist")
     p.add_argument("--soft", action="store_true", help="also distil with soft targets (tau 3, alpha 0.5)")
     args = p.parse_args()
@@ -53,7 +54,8 @@ def main() -> None:
         vitpipe(["shard", "--fashion-mnist", "--out", str(shards)], work)
     steps = [f"--trainer.max_steps={args.steps}"]
     rows = []
-    t = vitpipe(["pretrain", "--config", "classify/resnet_fmnist", *steps, "--resume", "none"], work)
+    t = vitpipe(["pretrain", "--config", "classify/resnet_fmnist", f"--trainer.max_steps={args.teacher_steps}",
+                 "--resume", "none"], work)
     client = MlflowClient(f"sqlite:///{work / 'mlflow' / 'mlflow.db'}")
     rows.append(("teacher: resnet10t (classify/resnet_fmnist)", *last_run(client, "vitpipe.arch", "resnet10t"), t))
     students = [("none", []), ("hard", ["--model.distill.kind=hard", f"--model.teacher.model={TEACHER}"])]
@@ -64,7 +66,8 @@ def main() -> None:
         t = vitpipe(["pretrain", "--config", "deit/tiny_fmnist", *steps, *extra, "--resume", "none",
                      f"--checkpoint.dir=vitpipe-demo/deit-{kind}"], work)
         rows.append((f"student: tiny DeiT, distillation {kind}", *last_run(client, "vitpipe.distill", kind), t))
-    print(f"\nFashion-MNIST, {args.steps} steps of 128 images each, held-out top-1 on the 10,000 test images")
+    print(f"\nFashion-MNIST, students {args.steps} steps and teacher {args.teacher_steps} steps of 128 images, "
+          "held-out top-1 on the 10,000 test images")
     print(f"{'model':48s} {'top-1':>7s} {'teacher s/step':>15s} {'wall s':>8s}")
     for name, top1, teacher_s, wall in rows:
         ts = "-" if teacher_s is None else f"{teacher_s:.3f}"
