@@ -7,6 +7,7 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline.checkpoint.export import export_checkpoint, load_classifier, write_classifier_export
+from pipeline.checkpoint.state import read_callback_state
 from pipeline.models.deit import DistilledViT
 from pipeline.models.classifier import ViTClassifier
 from pipeline.models.vit import ViTConfig, ViTEncoder
@@ -92,7 +93,7 @@ def test_killed_deit_run_resumes_to_the_uninterrupted_losses(fmnist_shards, tmp_
             "trainer.max_steps": 8, "checkpoint.every_n_steps": 3, "trainer.sample_trace": work / "trace.jsonl",
             "data.repeats": 2, "data.num_workers": 2, "data.shuffle_buffer": 40,
             "data.transform.rand_augment": "rand-m9-mstd0.5-inc1", "data.transform.random_erase": 0.25,
-            "model.mixup.prob": 1.0, "model.encoder.drop_path": 0.1,
+            "model.mixup.prob": 1.0, "model.encoder.drop_path": 0.1, "model.ema_decay": 0.9,
             "model.distill.kind": "soft", "model.teacher.model": teacher})
         return subprocess.run([sys.executable, str(REPO / "tests" / "run_pretrain.py"), json.dumps(o), "--recipe",
                                "deit/tiny_fmnist", *extra], env=child_env, capture_output=True, text=True,
@@ -116,6 +117,12 @@ def test_killed_deit_run_resumes_to_the_uninterrupted_losses(fmnist_shards, tmp_
         assert got[step][1] == pytest.approx(want[step][1], rel=1e-5), f"step {step}"
     keys = [k for step in want for k in want[step][0]]
     assert len(keys) - len(set(keys)) > 0  # repeated copies of samples did occur
+    # the weight average was saved with the checkpoint and continued: the same average at the end
+    ema = [read_callback_state(w / "ckpt" / "step-00000008" / "state.ckpt", "WeightEMA") for w in (tmp_path / "ref",
+                                                                                               killed)]
+    assert ema[0]["step"] == ema[1]["step"] == 8
+    for k, v in ema[0]["shadow"].items():
+        torch.testing.assert_close(ema[1]["shadow"][k], v, rtol=1e-5, atol=1e-6)
 
 
 def test_cnn_teacher_trained_and_registered_by_the_pipeline_teaches_a_student(fmnist_shards, tmp_path, monkeypatch):
@@ -143,3 +150,39 @@ def test_cnn_teacher_trained_and_registered_by_the_pipeline_teaches_a_student(fm
     run = MlflowClient(uri).get_run(student.run_id)
     assert run.data.tags["vitpipe.teacher"] == "models:/vitpipe-demo-cnn@teacher"
     assert {"perf/teacher_s", "train/loss_distill", "val/top1"} <= set(run.data.metrics)
+
+
+def test_weight_average_follows_every_optimizer_step(fmnist_shards, tmp_path):
+    """shadow_t = d * shadow_(t-1) + (1 - d) * w_t from the first weights, over optimizer steps only
+    (4 micro-batches of accumulation per step), and its top-1 is logged."""
+    import lightning as L
+
+    class Record(L.Callback):
+        def __init__(self):
+            self.weights = []
+
+        def on_fit_start(self, trainer, pl_module):
+            self.weights.append(self.floats(pl_module))
+
+        @staticmethod
+        def floats(pl_module):
+            return {k: v.detach().clone() for k, v in pl_module.model.state_dict().items() if torch.is_tensor(v)}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step > len(self.weights) - 1:
+                self.weights.append(self.floats(pl_module))
+
+    record, d = Record(), 0.7
+    recipe = load_recipe("deit/tiny_fmnist", overrides(fmnist_shards, tmp_path, **{
+        "model.ema_decay": d, "trainer.micro_batch": 4, "model.eval_limit": 100}))
+    result = pretrain(recipe, resume="none", extra_callbacks=[record])
+    assert len(record.weights) == 5  # the start and 4 optimizer steps
+    ema = read_callback_state(result.checkpoint / "state.ckpt", "WeightEMA")
+    for k, v in ema["shadow"].items():
+        want = record.weights[0][k].float()
+        for w in record.weights[1:]:
+            want = d * want + (1 - d) * w[k].float()
+        torch.testing.assert_close(v, want, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(ema["shadow"]["head.weight"], record.weights[-1]["head.weight"])
+    assert "val/top1_ema" in metrics(tmp_path, result.run_id)
+

@@ -53,3 +53,11 @@ def read_module_state(state: str | Path) -> dict[str, Any]:
 def submodule_state(state: dict[str, Any], prefix: str = "model.") -> dict[str, Any]:
     """Entries of a task's state dict that belong to its ``model`` attribute, with the prefix removed."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def read_callback_state(state: str | Path, key: str) -> dict[str, Any] | None:
+    """A callback's saved state (Lightning's ``checkpoint["callbacks"][key]``) from a checkpoint file or, under
+    DeepSpeed, rank 0's model-state file (which holds Lightning's client state); None if it has none."""
+    state = Path(state)
+    path = model_states_file(state) if is_sharded(state) else state
+    return torch.load(path, map_location="cpu", weights_only=False).get("callbacks", {}).get(key)

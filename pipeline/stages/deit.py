@@ -5,16 +5,19 @@ from __future__ import annotations
 from typing import Sequence
 
 import lightning as L
+from mlflow import MlflowClient
 
-from ..checkpoint.state import read_module_state, submodule_state
+from ..checkpoint.state import read_callback_state, read_module_state, submodule_state
 from ..checkpoint.store import STATE
 from ..models.deit import DistilledViT
 from ..models.vit import ViTEncoder
 from ..recipe import DeiTRecipe
 from ..registry.teacher import load_teacher
 from ..tasks.deit import DeiTTask
+from ..tasks.ema import STATE_KEY as EMA_KEY
+from ..tasks.ema import WeightEMA
 from ..tracking import resolve_uri
-from .held_out import report_classifier
+from .held_out import held_out_top1, report_classifier
 from .train import TrainResult, fit, plan_run
 
 
@@ -28,6 +31,7 @@ def train_deit(recipe: DeiTRecipe, resume: str | None = "auto",
         tags["vitpipe.teacher"] = m.teacher.model
     task = DeiTTask(m, recipe.optim, plan.schedule, teacher)
     task.model.encoder.grad_checkpointing = recipe.trainer.activation_checkpointing
+    callbacks = [*extra_callbacks, *([WeightEMA(m.ema_decay)] if m.ema_decay else [])]
 
     def held_out(trainer: L.Trainer, result: TrainResult) -> None:
         if result.checkpoint is None:
@@ -35,7 +39,14 @@ def train_deit(recipe: DeiTRecipe, resume: str | None = "auto",
             return
         # read back from the final checkpoint: under ZeRO-3 this process holds only its shard of the weights
         trained = DistilledViT(ViTEncoder(m.encoder), m.num_classes, m.head)
-        trained.load_state_dict(submodule_state(read_module_state(result.checkpoint / STATE)))
+        weights = submodule_state(read_module_state(result.checkpoint / STATE))
+        trained.load_state_dict(weights)
         report_classifier(trained, recipe, result, "deit")
+        ema = read_callback_state(result.checkpoint / STATE, EMA_KEY) if m.ema_decay else None
+        if ema is not None:
+            trained.load_state_dict({**weights, **ema["shadow"]})
+            top1, n = held_out_top1(trained, recipe)
+            MlflowClient(result.tracking_uri).log_metric(result.run_id, "val/top1_ema", top1, step=result.global_step)
+            print(f"deit: held-out top-1 of the weight average (decay {m.ema_decay}) {top1:.4f} on {n} samples")
 
-    return fit(recipe, plan, task, extra_callbacks, run_tags=tags, on_trained=held_out, stage="deit")
+    return fit(recipe, plan, task, callbacks, run_tags=tags, on_trained=held_out, stage="deit")

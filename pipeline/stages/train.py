@@ -124,13 +124,13 @@ def fit(recipe: RunRecipe, plan: RunPlan, task: L.LightningModule, callbacks: Se
     all_callbacks: list[L.Callback] = []
     if plan.resume is not None and plan.resume.fetch is not None:
         all_callbacks.append(FetchCheckpoint(plan.resume))
-    if recipe.checkpoint.enabled:
-        all_callbacks.append(CommittedCheckpoint(recipe.checkpoint, write_extras))
     if tr.sample_trace:
         all_callbacks.append(SampleTrace(tr.sample_trace))
     if recipe.tracking.system_metrics_every_n_steps:
         all_callbacks.append(SystemMetrics(recipe.tracking.system_metrics_every_n_steps))
     all_callbacks.extend(callbacks)
+    if recipe.checkpoint.enabled:  # last: a checkpoint holds what every other callback did at that step
+        all_callbacks.append(CommittedCheckpoint(recipe.checkpoint, write_extras))
     trainer = L.Trainer(
         accelerator=tr.accelerator, devices=layout.devices, num_nodes=layout.num_nodes,
         strategy=build_strategy(tr.strategy, recipe.zero), plugins=[cluster] if cluster else None,

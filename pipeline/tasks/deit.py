@@ -37,6 +37,8 @@ class DeiTConfig:
     """Centre-crop fraction of the held-out evaluation at the end of the run."""
     eval_limit: int | None = None
     """Evaluate on the first this-many held-out samples (None: all)."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights (DeiT: 0.99996) and report its top-1 too."""
 
     def __post_init__(self) -> None:
         if not self.encoder.distill_token:

@@ -1,0 +1,59 @@
+"""An exponential moving average of the model's weights (DeiT's optional ``model_ema``), kept as fp32
+tensors beside the model, updated after each optimizer step, saved with every checkpoint (a resume continues
+the same average) and evaluated at the end of the run."""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+STATE_KEY = "WeightEMA"
+
+
+class WeightEMA(L.Callback):
+    """shadow <- decay * shadow + (1 - decay) * weights, for every floating tensor of ``task.model``'s state
+    (parameters and buffers), after every optimizer step."""
+
+    def __init__(self, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema_decay {decay} is not in (0, 1)")
+        self.decay = decay
+        self.shadow: dict[str, torch.Tensor] | None = None
+        self.step = -1  # the global step the shadow includes
+
+    @property
+    def state_key(self) -> str:
+        return STATE_KEY
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(trainer.strategy, "zero_stage_3", False):
+            raise ValueError("model.ema_decay: the weight average needs whole weights on every rank; "
+                             "ZeRO-3 partitions them (use zero.stage 1 or 2)")
+        current = self._weights(pl_module)
+        if self.shadow is None:  # a fresh run (a resume has loaded the saved average already)
+            self.shadow = {k: v.detach().float().clone() for k, v in current.items()}
+            self.step = trainer.global_step
+        else:
+            self.shadow = {k: v.to(current[k].device) for k, v in self.shadow.items()}
+
+    @staticmethod
+    def _weights(pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in pl_module.model.state_dict().items()
+                if isinstance(v, torch.Tensor) and torch.is_floating_point(v)}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self.step:  # an accumulation micro-batch: the weights did not change
+            return
+        for k, v in self._weights(pl_module).items():
+            self.shadow[k].mul_(self.decay).add_(v.detach().float(), alpha=1.0 - self.decay)
+        self.step = trainer.global_step
+
+    def state_dict(self) -> dict[str, Any]:
+        shadow = {k: v.cpu() for k, v in (self.shadow or {}).items()}
+        return {"decay": self.decay, "step": self.step, "shadow": shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.shadow, self.step = state["shadow"], state["step"]
