@@ -106,6 +106,7 @@ def test_finetune_recipes_parse_and_keep_the_papers_settings(name):
     assert r.register.name and r.model.pool == "avg" and r.model.label_smoothing == 0.1
     if name in BIG_FINETUNE:
         assert (r.optim.base_lr, r.optim.layer_decay, r.model.drop_path, r.trainer.max_epochs) == BIG_FINETUNE[name]
+        assert (r.data.transform.rand_augment, r.data.transform.random_erase) == ("rand-m9-mstd0.5-inc1", 0.25)
         assert r.trainer.global_batch == 1024 and r.optim.betas == (0.9, 0.999) and r.optim.weight_decay == 0.05
         assert (r.model.mixup.mixup_alpha, r.model.mixup.cutmix_alpha) == (0.8, 1.0)
 
