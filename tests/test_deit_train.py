@@ -53,6 +53,15 @@ def test_deit_without_a_teacher_trains_evaluates_and_registers(fmnist_shards, tm
         torch.testing.assert_close(registered(imgs), (cls + dist) / 2)
     assert ref.tags["vitpipe.eval.deit_top1"] == f"{ref.metadata()['val_top1']:.4f}"
 
+    # the rest of the chain: kNN evaluation of the registered student's encoder (its CLS token)
+    from pipeline.stages.evaluate import EvalConfig, evaluate_model
+    from pipeline.tracking import TrackingConfig
+
+    cfg = EvalConfig(train=str(fmnist_shards / "train"), val=str(fmnist_shards / "val"), protocols=["knn"],
+                     max_train=300, max_val=100, crop_pct=1.0)
+    evaluated = evaluate_model("models:/deit-student@candidate", cfg, TrackingConfig(uri=uri))
+    assert 0.0 <= evaluated.metrics["knn_top1"] <= 1.0
+
 
 def test_deit_with_hard_distillation_from_an_exported_teacher(fmnist_shards, tmp_path):
     torch.manual_seed(0)

@@ -305,3 +305,30 @@ def test_finetune_under_zero3_evaluates_and_registers_the_trained_weights(runs, 
             assert torch.equal(value, trained[name]), name
     top1 = MlflowClient(uri).get_run(ref.run_id).data.metrics["val/top1"]
     assert held_out_top1(model, load_recipe("finetune/tiny_fmnist", overrides))[0] == pytest.approx(top1)
+
+
+def test_deit_student_with_a_teacher_under_zero2_equals_ddp(fmnist_shards, tmp_path, child_env):
+    """The DeiT task on the same strategies: a soft-distilled student (teacher outside the engine, RandAugment,
+    mixup, drop path) gives the same per-rank losses under ZeRO-2 as under DDP, and both end evaluated."""
+    from pipeline.checkpoint.export import write_classifier_export
+    from pipeline.models.classifier import ViTClassifier
+    from pipeline.models.vit import ViTConfig, ViTEncoder
+
+    torch.manual_seed(0)
+    enc = ViTEncoder(ViTConfig(size="tiny", embed_dim=32, depth=1, num_heads=4, image_size=(16, 16), patch_size=4))
+    teacher = write_classifier_export(tmp_path / "teacher", ViTClassifier(enc, 10, pool="cls"),
+                                      {"mean": [0.286] * 3, "std": [0.353] * 3})
+    works = {}
+    for name, strategy in (("ddp", {"trainer.strategy": "ddp"}),
+                           ("zero2", {"trainer.strategy": "deepspeed", "zero.stage": 2})):
+        work = works[name] = tmp_path / name
+        overrides = {"data.train": fmnist_shards / "train", "data.val": fmnist_shards / "val",
+                     "trainer.max_steps": 4, "trainer.global_batch": 16, "optim.warmup_steps": 1,
+                     "checkpoint.dir": work / "ckpt", "checkpoint.every_n_steps": 2, "data.num_workers": 1,
+                     "tracking.uri": f"sqlite:///{work / 'mlflow.db'}", "trainer.sample_trace": work / "trace.jsonl",
+                     "model.distill.kind": "soft", "model.teacher.model": teacher, "model.encoder.drop_path": 0.1,
+                     "data.transform.rand_augment": "rand-m9-mstd0.5-inc1", "model.eval_limit": 100, **strategy}
+        proc = torchrun({k: str(v) for k, v in overrides.items()}, child_env, "--recipe", "deit/tiny_fmnist")
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "deit: held-out top-1" in proc.stdout
+    assert_same_losses(traces(works["zero2"]), traces(works["ddp"]), range(1, 5))
