@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             recipe = load_recipe(args.config, parse_overrides(rest))
             if recipe.task not in ("mae", "deit", "classify"):
                 raise ConfigError(f"{args.config}: task is {recipe.task!r}; use `vitpipe {recipe.task}`")
-            pretrain(recipe, resume=args.resume)
+            if (result := pretrain(recipe, resume=args.resume)).preempted:
+                return 128 + result.preempted  # as a shell reports death by that signal: a retryable failure
         elif args.command == "finetune":
             from .recipe import load_recipe, parse_overrides
             from .stages.finetune import finetune
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             recipe = load_recipe(args.config, overrides)
             if recipe.task != "finetune":
                 raise ConfigError(f"{args.config}: task is {recipe.task!r}, not finetune")
-            finetune(recipe, resume=args.resume)
+            if (result := finetune(recipe, resume=args.resume)).preempted:
+                return 128 + result.preempted
         elif args.command == "register":
             from .stages.register import register_checkpoint
 

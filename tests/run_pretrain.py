@@ -1,11 +1,13 @@
 """Runs the pretrain stage in its own process (or under torchrun, one per rank), with test probes.
 
 Usage: python run_pretrain.py OVERRIDES_JSON [--recipe NAME] [--kill-in-checkpoint-at STEP]
-                              [--engine-report PATH] [--save-on-start PATH]
+                              [--engine-report PATH] [--save-on-start PATH] [--signal-at N]
 --kill-in-checkpoint-at: the process dies (SIGKILL) *while writing* the checkpoint of that step, the harshest
     point: the checkpoint folder is half written and must never be used by a resume.
 --engine-report: each rank writes PATH.rank<R>.json with the ZeRO stage read from the DeepSpeed engine and how
     many elements of the partitioned fp32 weights and Adam moments this rank holds, against the model's total.
+--signal-at N [--signal-rank R]: rank R (default 0) sends itself SIGUSR1 after its N-th micro-batch, as a
+    scheduler would; the run checkpoints at the next optimizer step, stops and exits with 128 + the signal.
 --save-on-start: once restored and before the first step, save the state as the strategy writes it to PATH
     (a folder under DeepSpeed): what a resume restored, to compare with what was saved.
 """
@@ -34,6 +36,19 @@ class KillWhileSaving(L.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAt(L.Callback):
+    """Global rank ``rank`` sends itself SIGUSR1 after its ``batch``-th micro-batch of this process (mid
+    gradient accumulation if so chosen), as `scancel --signal=USR1` would."""
+
+    def __init__(self, batch: int, rank: int):
+        self.batch, self.rank, self.seen = batch, rank, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen += 1
+        if self.seen == self.batch and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), signal.SIGUSR1)
 
 
 class EngineReport(L.Callback):
@@ -79,5 +94,8 @@ if __name__ == "__main__":
         callbacks.append(EngineReport(path))
     if (path := _option("--save-on-start")) is not None:
         callbacks.append(SaveOnStart(path))
+    if (step := _option("--signal-at")) is not None:
+        callbacks.append(SignalAt(int(step), int(_option("--signal-rank") or 0)))
     recipe = load_recipe(_option("--recipe") or "mae/tiny_fmnist", overrides)
-    pretrain(recipe, resume="auto", extra_callbacks=callbacks)
+    result = pretrain(recipe, resume="auto", extra_callbacks=callbacks)
+    sys.exit(128 + result.preempted if result.preempted else 0)

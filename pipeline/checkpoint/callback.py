@@ -46,6 +46,8 @@ class CommittedCheckpoint(L.Callback):
     def save(self, trainer: L.Trainer) -> Path:
         step = trainer.global_step
         tmp, final = partial_dir(self.root, step), step_dir(self.root, step)
+        if step == self._last_saved:  # e.g. a preemption at a step that was just checkpointed
+            return final
         if self._owner:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)

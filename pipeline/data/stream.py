@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import random
+import signal
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -57,6 +58,9 @@ def image_bytes(sample: dict[str, Any]) -> bytes:
 def _one_thread(_: int) -> None:
     # Decoding parallelism comes from worker processes; torch's intra-op threads in each worker only contend.
     torch.set_num_threads(1)
+    # Slurm signals every process of a job step: the trainer checkpoints on SIGUSR1, its loader workers must
+    # not die of it (SIGUSR1's default action) meanwhile.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class ShardStream(IterableDataset):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ..checkpoint import CommittedCheckpoint, latest_complete
 from ..checkpoint.mirror import Mirror
+from ..checkpoint.preemption import PreemptionCheckpoint
 from ..checkpoint.resume import FetchCheckpoint, ResumePoint, find_resume
 from ..checkpoint.store import CONFIG, RUN_ID, STATE
 from ..config import flatten
@@ -48,6 +50,8 @@ class TrainResult:
     last_loss: float | None
     tracking_failures: int = 0
     """Logging calls to MLflow that failed or were dropped while the server was unreachable."""
+    preempted: int | None = None
+    """The signal (SIGUSR1, SIGTERM) that stopped the run after a checkpoint; None when it ran to its end."""
 
 
 @dataclass
@@ -129,8 +133,11 @@ def fit(recipe: RunRecipe, plan: RunPlan, task: L.LightningModule, callbacks: Se
     if recipe.tracking.system_metrics_every_n_steps:
         all_callbacks.append(SystemMetrics(recipe.tracking.system_metrics_every_n_steps))
     all_callbacks.extend(callbacks)
+    preemption = None
     if recipe.checkpoint.enabled:  # last: a checkpoint holds what every other callback did at that step
-        all_callbacks.append(CommittedCheckpoint(recipe.checkpoint, write_extras))
+        saver = CommittedCheckpoint(recipe.checkpoint, write_extras)
+        preemption = PreemptionCheckpoint(saver, requeue=layout.launcher == "slurm")
+        all_callbacks.extend([saver, preemption])
     trainer = L.Trainer(
         accelerator=tr.accelerator, devices=layout.devices, num_nodes=layout.num_nodes,
         strategy=build_strategy(tr.strategy, recipe.zero), plugins=[cluster] if cluster else None,
@@ -160,7 +167,13 @@ def fit(recipe: RunRecipe, plan: RunPlan, task: L.LightningModule, callbacks: Se
                          experiment=recipe.tracking.experiment,
                          checkpoint=latest_complete(ckpt_root) if recipe.checkpoint.enabled else None,
                          global_step=trainer.global_step, last_loss=getattr(task, "last_loss", None),
-                         tracking_failures=tracking_failures(logger))
+                         tracking_failures=tracking_failures(logger),
+                         preempted=preemption.preempted if preemption else None)
+    if result.preempted:
+        if trainer.is_global_zero:
+            print(f"{stage}: stopped by {signal.Signals(result.preempted).name} at step {result.global_step}, "
+                  f"checkpoint {result.checkpoint}; --resume auto continues from there")
+        return result
     if trainer.is_global_zero:
         if on_trained is not None:
             on_trained(trainer, result)
