@@ -79,6 +79,19 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--std", type=float, nargs=3, default=None)
 
     sub.add_parser("recipes", help="list the built-in recipes")
+
+    j = sub.add_parser("submit", help="render a stage's Slurm or Kubernetes job from jobs/ and submit (or print) it")
+    j.add_argument("--target", choices=["slurm", "k8s"], required=True)
+    j.add_argument("--config", required=True, help="recipe name or file, as the cluster's nodes will see it")
+    j.add_argument("--stage", choices=["pretrain", "finetune", "register", "evaluate"], default="pretrain")
+    j.add_argument("--nodes", type=int, default=1)
+    j.add_argument("--gpus-per-node", type=int, default=8, help="one process per GPU; 0: CPU processes")
+    j.add_argument("--cpu-tasks-per-node", type=int, default=1, help="processes per node when --gpus-per-node 0")
+    j.add_argument("--cluster", default="example", help="cluster profile: jobs/clusters/<name>.yaml or a file")
+    j.add_argument("--job-name", help="default: <recipe>-<stage>")
+    j.add_argument("--after", action="append", default=[], help="Slurm job id this job waits for (afterok)")
+    j.add_argument("--chain", action="store_true", help="Slurm: submit the stage, then register, then evaluate")
+    j.add_argument("--dry-run", action="store_true", help="print the job instead of submitting it")
     return p
 
 
@@ -91,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.setLevel(logging.INFO)
     args, rest = _parser().parse_known_args(argv)
     try:
-        if rest and args.command not in ("pretrain", "finetune", "demo"):  # only these take --section.key
+        if rest and args.command not in ("pretrain", "finetune", "demo", "submit"):  # these take --section.key
             raise ConfigError(f"unexpected arguments: {' '.join(rest)}")
         if args.command == "shard":
             from .stages.shard import index_shards, shard_fashion_mnist, shard_image_folder
@@ -168,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  note: {note}")
             if report.ignored:
                 print(f"  ignored: {', '.join(report.ignored)}")
+        elif args.command == "submit":
+            from .recipe import parse_overrides
+            from .stages.submit import SubmitRequest, submit
+
+            req = SubmitRequest(args.target, args.config, args.stage, parse_overrides(rest), args.nodes,
+                                args.gpus_per_node, args.cpu_tasks_per_node, args.cluster, args.job_name, args.after)
+            submit(req, dry_run=args.dry_run, chain=args.chain)
         elif args.command == "recipes":
             from .resources import list_recipes
 

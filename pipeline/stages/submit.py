@@ -1,0 +1,119 @@
+"""`vitpipe submit`: render a stage's job for Slurm or Kubernetes from jobs/ and a cluster profile, then submit
+it (sbatch, kubectl apply) or print it. The recipe is loaded here first, so a broken recipe or override fails
+on the submitting machine, not on the cluster."""
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from ..config import ConfigError
+from ..jobs.k8s import RECIPE_FILE, render_k8s
+from ..jobs.profile import ClusterProfile, load_profile
+from ..jobs.slurm import render_sbatch
+from ..jobs.spec import JobSpec
+from ..recipe import RunRecipe, load_recipe
+
+TRAINING = ("pretrain", "finetune")
+Stage = Literal["pretrain", "finetune", "register", "evaluate"]
+
+
+@dataclass
+class SubmitRequest:
+    target: Literal["slurm", "k8s"]
+    config: str
+    stage: Stage = "pretrain"
+    overrides: dict[str, str] = field(default_factory=dict)
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpu_tasks_per_node: int = 1
+    cluster: str = "example"
+    job_name: str | None = None
+    after: list[str] = field(default_factory=list)
+
+
+def stage_args(stage: str, config: str, overrides: dict[str, str], recipe: RunRecipe) -> list[str]:
+    """The stage's command line, as a user would type it after `vitpipe <stage>`."""
+    if stage in TRAINING:
+        return ["--config", config, "--resume", "auto", *(f"--{k}={v}" for k, v in overrides.items())]
+    if not recipe.register.name:
+        raise ConfigError(f"{config}: register.name is not set, so there is no registered model to {stage}")
+    tracking = ["--tracking-uri", recipe.tracking.uri] if recipe.tracking.uri else []
+    if stage == "register":
+        return ["--checkpoint", recipe.checkpoint.dir, "--name", recipe.register.name, "--alias",
+                recipe.register.alias, *tracking]
+    return ["--model", f"models:/{recipe.register.name}@{recipe.register.alias}", "--train", recipe.data.train,
+            "--val", recipe.data.val, *tracking]
+
+
+def job_spec(req: SubmitRequest, stage: str, recipe: RunRecipe, config: str,
+             overrides: dict[str, str], after: list[str]) -> JobSpec:
+    training = stage in TRAINING
+    name = req.job_name if req.job_name and stage == req.stage else f"{recipe.name}-{stage}"
+    name = name.lower().replace("_", "-").replace("/", "-")
+    return JobSpec(stage=stage, args=stage_args(stage, config, overrides, recipe), job_name=name,
+                   nodes=req.nodes if training else 1,
+                   # registering needs no device; evaluation extracts features on one
+                   gpus_per_node=req.gpus_per_node if training else min(req.gpus_per_node, int(stage == "evaluate")),
+                   cpu_tasks_per_node=req.cpu_tasks_per_node if training else 1,
+                   after=after, preemptible=training)
+
+
+def render(req: SubmitRequest, profile: ClusterProfile, stage: str | None = None,
+           after: list[str] | None = None) -> tuple[str, JobSpec]:
+    """The job file of ``stage`` (default: the request's), an sbatch script or a multi-document manifest,
+    and the job it describes."""
+    stage = stage or req.stage
+    recipe = load_recipe(req.config, req.overrides)
+    if req.target == "slurm":
+        if profile.slurm is None:
+            raise ConfigError(f"cluster profile {profile.name!r} has no slurm: section")
+        spec = job_spec(req, stage, recipe, req.config, req.overrides, after or req.after)
+        return render_sbatch(spec, profile.slurm, profile.name), spec
+    if profile.kubernetes is None:
+        raise ConfigError(f"cluster profile {profile.name!r} has no kubernetes: section")
+    # The pods read the resolved recipe (overrides applied) from a ConfigMap mounted in their working folder.
+    spec = job_spec(req, stage, recipe, RECIPE_FILE, {}, [])
+    return yaml.safe_dump_all(render_k8s(spec, profile.kubernetes, recipe.to_yaml()), sort_keys=False), spec
+
+
+def submit(req: SubmitRequest, dry_run: bool = False, chain: bool = False) -> list[str]:
+    """Render and submit ``req`` (with ``chain``: pretrain -> register -> evaluate, each after the one before,
+    on Slurm); returns the Slurm job ids or the applied Kubernetes objects."""
+    profile = load_profile(req.cluster)
+    stages = [req.stage, "register", "evaluate"] if chain else [req.stage]
+    if chain and (req.target != "slurm" or req.stage not in TRAINING):
+        raise ConfigError("--chain submits pretrain/finetune -> register -> evaluate as dependent Slurm jobs")
+    ids: list[str] = []
+    for stage in stages:
+        text, spec = render(req, profile, stage, after=ids[-1:] or req.after)
+        if dry_run:
+            print(text)
+            ids.append(f"<{stage}>")
+            continue
+        if req.target == "slurm":
+            Path(profile.slurm.log_dir).mkdir(parents=True, exist_ok=True)  # sbatch opens the log before the job
+            out = _run(["sbatch", "--parsable"], text)
+            ids.append(out.strip().split(";")[0])
+            print(f"submitted {stage}: Slurm job {ids[-1]}, log {profile.slurm.log_dir}/{spec.job_name}-{ids[-1]}.out")
+        else:
+            out = _run(["kubectl", "apply", "-f", "-"], text)
+            ids.extend(out.split())
+            print(out.strip())
+    return ids
+
+
+def _run(cmd: list[str], stdin: str) -> str:
+    try:
+        out = subprocess.run(cmd, input=stdin, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise ConfigError(f"`{cmd[0]}` is not installed here; use --dry-run to print the job instead") from None
+    if out.returncode:
+        sys.stderr.write(out.stderr)
+        raise ConfigError(f"`{shlex.join(cmd)}` failed (exit {out.returncode}): {out.stderr.strip()[-500:]}")
+    return out.stdout
