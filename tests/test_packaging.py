@@ -15,7 +15,9 @@ def test_wheel_bundles_recipes_and_jobs(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "pipeline/_bundled/recipes/mae/tiny_fmnist.yaml" in names
     assert "pipeline/_bundled/recipes/mae/vit_huge14.yaml" in names
-    assert "pipeline/_bundled/jobs/slurm/pretrain.sbatch" in names
+    for job_file in ("slurm/job.sbatch", "k8s/pod.yaml", "k8s/pytorchjob.yaml", "k8s/jobset.yaml",
+                     "clusters/example.yaml"):
+        assert f"pipeline/_bundled/jobs/{job_file}" in names
     assert any(n.endswith("entry_points.txt") for n in names)
 
     target = tmp_path / "site"
