@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything vitpipe needs on a fresh Debian machine with Python 3.11:
-#   - Debian packages (the Fashion-MNIST IDX files the demo shards),
+#   - Debian packages (the Fashion-MNIST IDX files the demo shards; Slurm and munge for the job tests),
 #   - a virtual environment in .venv with torch/torchvision installed *first*, pinned by
 #     scripts/constraints.txt so no later install swaps the build,
 #   - vitpipe itself (editable) with the test extras.
@@ -10,12 +10,19 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${VITPIPE_VENV:-$root/.venv}"
 python="${PYTHON:-python3}"
 
-if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+# Debian packages: the Fashion-MNIST files, and Slurm + munge for the cluster-job tests (tests/slurm_cluster.py
+# starts the daemons itself; nothing is enabled as a service).
+debs=()
+[ -d /usr/share/datasets/fashion-mnist ] || debs+=(dataset-fashion-mnist)
+for pkg in slurmctld slurmd slurm-client munge; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || debs+=("$pkg")
+done
+if [ ${#debs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${debs[@]}" >/dev/null
   else
-    echo "install.sh: /usr/share/datasets/fashion-mnist is missing; run as root or 'sudo apt-get install dataset-fashion-mnist'" >&2
+    echo "install.sh: missing Debian packages: ${debs[*]}; run as root or 'sudo apt-get install ${debs[*]}'" >&2
     exit 1
   fi
 fi

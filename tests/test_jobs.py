@@ -1,9 +1,9 @@
-"""Cluster jobs rendered by `vitpipe submit`: the sbatch script against a committed golden render, and
+"""Cluster jobs rendered by `vitpipe submit`: the sbatch script and its chain, cluster profiles, and
 Kubernetes manifests against the real schemas (core kinds with kubernetes-validate, PyTorchJob and JobSet
 against their CRDs with unknown fields as errors) plus the checks schemas miss; the pods' command really runs.
 
 The CRD files come from $VITPIPE_K8S_CRDS (default ../shared/k8s-crds beside the repository); tests that
-need them skip, saying so, where that folder is absent. VITPIPE_UPDATE_GOLDEN=1 rewrites the golden file.
+need them skip, saying so, where that folder is absent.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from pipeline.jobs.profile import load_profile
 from pipeline.stages.submit import SubmitRequest, render, submit
 
 PROFILE = str(REPO / "tests" / "data" / "cluster_local.yaml")
-GOLDEN = REPO / "tests" / "golden" / "tiny_fmnist_2x8gpu.sbatch"
 CRDS = Path(os.environ.get("VITPIPE_K8S_CRDS", REPO.parent / "shared" / "k8s-crds"))
 
 
@@ -32,25 +31,16 @@ def sbatch(nodes: int, gpus: int, cpu_tasks: int = 1, **kw) -> str:
     return render(req, load_profile(PROFILE))[0]
 
 
-def test_sbatch_matches_the_golden_render_and_a_cpu_job_differs_only_in_gpu_lines():
+def test_sbatch_checkpoints_before_the_limit_and_parses():
+    """(The committed golden renders are compared with the jobs test_slurm.py submits to a real cluster.)"""
     text = sbatch(2, 8)
-    if os.environ.get("VITPIPE_UPDATE_GOLDEN"):
-        GOLDEN.write_text(text)
-    assert text == GOLDEN.read_text()
-    cpu = sbatch(2, 0, cpu_tasks=2)
-    changed = set(text.splitlines()) ^ set(cpu.splitlines())
-    assert changed == {"#SBATCH --ntasks-per-node=8", "#SBATCH --ntasks-per-node=2", "#SBATCH --gpus-per-node=8",
-                       "#SBATCH --mem-per-gpu=64G",
-                       "# vitpipe pretrain on 2 node(s) x 8 GPU(s): vitpipe pretrain --config mae/tiny_fmnist "
-                       "--resume auto",
-                       "# vitpipe pretrain on 2 node(s) x 2 CPU task(s): vitpipe pretrain --config mae/tiny_fmnist "
-                       "--resume auto"}
-    # preemption: SIGUSR1 before the limit, requeue, logs appended in one predictable place
-    for line in ("#SBATCH --signal=USR1@120", "#SBATCH --requeue", "#SBATCH --output=logs/slurm/%x-%j.out",
-                 "#SBATCH --open-mode=append"):
-        assert line in text
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --signal=USR1@120", "#SBATCH --requeue", "#SBATCH --output=logs/slurm/%x-%j.out",
+                 "#SBATCH --open-mode=append", "#SBATCH --partition=debug", "export OMP_NUM_THREADS=1"):
+        assert line in text.splitlines()
     assert text.rstrip().endswith("srun --kill-on-bad-exit=1 vitpipe pretrain --config mae/tiny_fmnist --resume auto")
-    script = GOLDEN.parent / "check.sh"
+    assert "--gpus-per-node" not in sbatch(2, 0, cpu_tasks=2)
+    script = Path(os.environ.get("TMPDIR", "/tmp")) / f"vitpipe-check-{os.getpid()}.sh"
     try:  # the shell parses it
         script.write_text(text)
         assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
@@ -65,7 +55,7 @@ def test_chain_waits_for_each_stage_and_passes_overrides_verbatim(capsys):
     jobs = capsys.readouterr().out.split("#!/usr/bin/env bash")[1:]
     assert len(jobs) == 3
     pretrain, register, evaluate = jobs
-    assert "--resume auto --register.name=tiny-mae --trainer.max_steps=50" in pretrain
+    assert "--resume auto --register.name=null --trainer.max_steps=50" in pretrain  # the register job registers
     assert "--dependency" not in pretrain and "#SBATCH --dependency=afterok:<pretrain>" in register
     assert "vitpipe register --checkpoint vitpipe-demo/checkpoints --name tiny-mae --alias candidate" in register
     assert "#SBATCH --dependency=afterok:<register>" in evaluate

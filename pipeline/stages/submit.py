@@ -6,7 +6,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -87,11 +87,14 @@ def submit(req: SubmitRequest, dry_run: bool = False, chain: bool = False) -> li
     on Slurm); returns the Slurm job ids or the applied Kubernetes objects."""
     profile = load_profile(req.cluster)
     stages = [req.stage, "register", "evaluate"] if chain else [req.stage]
-    if chain and (req.target != "slurm" or req.stage not in TRAINING):
-        raise ConfigError("--chain submits pretrain/finetune -> register -> evaluate as dependent Slurm jobs")
+    if chain and (req.target != "slurm" or req.stage != "pretrain"):
+        raise ConfigError("--chain submits pretrain -> register -> evaluate as dependent Slurm jobs")
     ids: list[str] = []
     for stage in stages:
-        text, spec = render(req, profile, stage, after=ids[-1:] or req.after)
+        # chained, the pretrain job leaves registering to the register job (one version, not two)
+        job_req = replace(req, overrides={**req.overrides, "register.name": "null"}) if chain and stage == req.stage \
+            else req
+        text, spec = render(job_req, profile, stage, after=ids[-1:] or req.after)
         if dry_run:
             print(text)
             ids.append(f"<{stage}>")
