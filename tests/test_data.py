@@ -192,8 +192,8 @@ def test_shard_flat_folder_with_holdout(tmp_path):
     assert got == originals
 
     # The held-out split is deterministic for a seed.
-    again = shard_image_folder(str(root), str(tmp_path / "again"), shard_size=4, workers=1, holdout=0.25, seed=3,
-                               log=quiet)
+    shard_image_folder(str(root), str(tmp_path / "again"), shard_size=4, workers=1, holdout=0.25, seed=3,
+                       log=quiet)
     assert ([s["__key__"] for s in read_all(load_manifest(str(tmp_path / "again" / "val")))]
             == [s["__key__"] for s in read_all(load_manifest(str(out / "val")))])
     # holdout 0 keeps everything for training

@@ -184,7 +184,8 @@ def test_what_schemas_miss(kind):
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "8" and "--nproc-per-node=8" in c["command"]
         assert "--nnodes=3" in c["command"] and "--rdzv-backend=c10d" in c["command"]
         hosts.add(next(a for a in c["command"] if a.startswith("--rdzv-endpoint=")))
-        assert pod["terminationGracePeriodSeconds"] == 120  # time to checkpoint after SIGTERM
+        assert pod["terminationGracePeriodSeconds"] == 120  # time to checkpoint after SIGTERM, which torchrun
+        assert "--shutdown-timeout=110" in c["command"]    # gives its processes before it kills them
         if kind == "pytorchjob":
             assert c["name"] == "pytorch" and around["restartPolicy"] == "ExitCode" and pod["restartPolicy"] == "Never"
         else:  # a Job's pods may only be Never / OnFailure; JobSet restarts the set
@@ -256,3 +257,50 @@ def test_dockerfile_installs_the_same_pyproject_and_runs_vitpipe_unprivileged():
     assert [arg for op, arg in instructions if op == "WORKDIR"][-1] == "/workspace"  # the pods' workingDir
     ignored = (REPO / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored and "pipeline" not in ignored
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_pods_torchrun_checkpoints_and_a_restarted_pod_resumes(fmnist_shards, tmp_path, child_env):
+    """Eviction: the kubelet sends SIGTERM to the container's first process (torchrun), which passes it to the
+    training processes: they checkpoint at the next step and exit; the restarted pod resumes from there."""
+    import signal
+    import sys
+    import time
+
+    from conftest import tiny_overrides
+    from mlflow_server import free_port
+
+    work = tmp_path / "workspace"
+    work.mkdir()
+    over = tiny_overrides(fmnist_shards, Path("."), **{"trainer.max_steps": 300, "data.num_workers": 1,
+                                                       "checkpoint.every_n_steps": 1000,
+                                                       "trainer.sample_trace": "trace.jsonl"})
+    over["checkpoint.dir"], over["tracking.uri"] = "ckpt", "sqlite:///mlflow.db"
+    config, job = manifests("pytorchjob", 1, 0, 2, over)
+    (work / RECIPE_FILE).write_text(config["data"][RECIPE_FILE])
+    c = pod_templates(job)[0][0]["spec"]["containers"][0]
+    command = [f"--rdzv-endpoint=127.0.0.1:{free_port()}" if a.startswith("--rdzv-endpoint=") else a
+               for a in c["command"]]
+    env = {**child_env, **{e["name"]: e["value"] for e in c["env"]}, "VITPIPE_CACHE": str(work / ".cache"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{child_env['PATH']}"}
+
+    def steps() -> int:
+        traced = work / "trace.rank0.jsonl"
+        return len(traced.read_text().splitlines()) if traced.exists() else 0
+
+    pod = subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while steps() < 5:
+        assert pod.poll() is None and time.time() < deadline, pod.communicate()[1][-3000:]
+        time.sleep(0.2)
+    pod.send_signal(signal.SIGTERM)
+    _, err = pod.communicate(timeout=120)
+    assert pod.returncode != 0 and err.count("SIGTERM received: checkpointing step") == 2, err[-3000:]
+    [saved] = [p.name for p in (work / "ckpt").glob("step-*")]
+    assert (work / "ckpt" / saved / "COMPLETE").is_file() and 5 <= int(saved[5:]) < 300
+
+    over["trainer.max_steps"] = str(int(saved[5:]) + 3)  # the restarted pod: resume and train 3 more steps
+    config, _ = manifests("pytorchjob", 1, 0, 2, over)
+    (work / RECIPE_FILE).write_text(config["data"][RECIPE_FILE])
+    again = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and f"resuming from ckpt/{saved}" in again.stderr, again.stderr[-3000:]

@@ -58,9 +58,12 @@ def image_bytes(sample: dict[str, Any]) -> bytes:
 def _one_thread(_: int) -> None:
     # Decoding parallelism comes from worker processes; torch's intra-op threads in each worker only contend.
     torch.set_num_threads(1)
-    # Slurm signals every process of a job step: the trainer checkpoints on SIGUSR1, its loader workers must
-    # not die of it (SIGUSR1's default action) meanwhile.
+    # Slurm signals every process of a job step, torchrun the process group of each rank: the trainer
+    # checkpoints on SIGUSR1 / SIGTERM, and its loader workers must not die of them meanwhile (a dead worker
+    # interrupts the trainer). They still end with the trainer: the DataLoader stops them, or they notice
+    # that their parent is gone.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class ShardStream(IterableDataset):

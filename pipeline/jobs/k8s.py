@@ -40,7 +40,10 @@ def rendezvous_host(spec: JobSpec, p: KubernetesProfile) -> str:
 def pod_command(spec: JobSpec, p: KubernetesProfile, vitpipe: list[str]) -> list[str]:
     return ["torchrun", f"--nnodes={spec.nodes}", f"--nproc-per-node={spec.tasks_per_node}",
             "--rdzv-backend=c10d", f"--rdzv-endpoint={rendezvous_host(spec, p)}:{RDZV_PORT}",
-            f"--rdzv-id={spec.job_name}", "--max-restarts=0", "--no-python", *vitpipe, spec.stage, *spec.args]
+            f"--rdzv-id={spec.job_name}", "--max-restarts=0",
+            # on SIGTERM (eviction) torchrun passes it on and waits this long for the checkpoint before SIGKILL
+            f"--shutdown-timeout={max(p.termination_grace_s - 10, 1)}",
+            "--no-python", *vitpipe, spec.stage, *spec.args]
 
 
 def pod_template(spec: JobSpec, p: KubernetesProfile, container: str, restart_policy: str,
