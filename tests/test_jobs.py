@@ -186,6 +186,7 @@ def test_what_schemas_miss(kind):
         hosts.add(next(a for a in c["command"] if a.startswith("--rdzv-endpoint=")))
         assert pod["terminationGracePeriodSeconds"] == 120  # time to checkpoint after SIGTERM, which torchrun
         assert "--shutdown-timeout=110" in c["command"]    # gives its processes before it kills them
+        assert c["ports"] == [{"name": "pytorchjob-port", "containerPort": RDZV_PORT}]
         if kind == "pytorchjob":
             assert c["name"] == "pytorch" and around["restartPolicy"] == "ExitCode" and pod["restartPolicy"] == "Never"
         else:  # a Job's pods may only be Never / OnFailure; JobSet restarts the set

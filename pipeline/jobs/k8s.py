@@ -60,7 +60,8 @@ def pod_template(spec: JobSpec, p: KubernetesProfile, container: str, restart_po
     if spec.gpus_per_node:
         limits[p.gpu_resource] = str(spec.gpus_per_node)
     c["resources"] = {"limits": limits, "requests": dict(limits)}
-    c["ports"] = [{"name": "rdzv", "containerPort": RDZV_PORT}]
+    # the training operator's port name: it exports this port as MASTER_PORT instead of adding its default 23456
+    c["ports"] = [{"name": "pytorchjob-port", "containerPort": RDZV_PORT}]
     for v in pod["volumes"]:
         if v["name"] == "recipe":
             v["configMap"]["name"] = f"{spec.job_name}-recipe"
