@@ -11,6 +11,7 @@ import hashlib
 import json
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, Mapping, TypeVar, get_args, get_origin
 
 import yaml
@@ -43,6 +44,18 @@ def build(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:  # __post_init__ validation
         raise ConfigError(f"{where or 'recipe'}: {err}") from err
+
+
+def read_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping (``what`` describes it for the error), with its name as default ``name``."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: {what}")
+    raw.setdefault("name", path.stem)
+    return raw
 
 
 def to_dict(obj: Any) -> Any:

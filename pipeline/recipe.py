@@ -8,7 +8,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from .checkpoint import CheckpointConfig
-from .config import ConfigError, apply_overrides, build, digest, to_dict
+from .config import ConfigError, apply_overrides, build, digest, read_mapping, to_dict
 from .data import StreamConfig
 from .data.storage import StorageConfig
 from .distributed import ZeroConfig
@@ -172,13 +172,7 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
 def load_recipe(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> RunRecipe:
     """Read a recipe file (or a built-in recipe name such as ``mae/tiny_fmnist``) and apply overrides."""
     path = find_recipe(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a recipe is a mapping of sections")
-    raw.setdefault("name", path.stem)
+    raw = read_mapping(path, "a recipe is a mapping of sections")
     apply_overrides(raw, dict(overrides or {}))
     task = raw.get("task", "mae")
     if task not in RECIPE_TYPES:

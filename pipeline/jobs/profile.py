@@ -7,9 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
-from ..config import ConfigError, build
+from ..config import ConfigError, build, read_mapping
 from ..resources import bundled
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -109,13 +107,7 @@ def find_profile(name_or_path: str) -> Path:
 
 def load_profile(name_or_path: str) -> ClusterProfile:
     path = find_profile(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a cluster profile is a mapping with slurm: and/or kubernetes: sections")
-    raw.setdefault("name", path.stem)
+    raw = read_mapping(path, "a cluster profile is a mapping with slurm: and/or kubernetes: sections")
     try:
         return build(ClusterProfile, raw)
     except ConfigError as err:
