@@ -89,7 +89,7 @@ def test_tiny_pretrain_runs_on_the_cluster(slurm_cluster, fmnist_shards, tmp_pat
 
 def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_run(slurm_cluster, fmnist_shards,  # noqa: F811
                                                                        tmp_path):
-    steps = 60
+    steps = 40
     args = ["--nodes", "1", "--gpus-per-node", "0", "--cpu-tasks-per-node", "2",
             *(f"--{k}={v}" for k, v in tiny(steps).items())]
     ref = workdir(tmp_path / "ref", fmnist_shards) if (tmp_path / "ref").mkdir() is None else None
@@ -99,14 +99,14 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_run(slurm_cl
     pre = workdir(tmp_path / "pre", fmnist_shards) if (tmp_path / "pre").mkdir() is None else None
     [job] = submit(slurm_cluster, pre, *args)
     deadline = time.time() + 300
-    while max((s for _, s in trace(pre)), default=0) < 10:  # mid-run: signal once some steps are done
+    while max((s for _, s in trace(pre)), default=0) < 8:  # mid-run: signal once some steps are done
         assert time.time() < deadline and slurm_cluster.job_state(job) in ("PENDING", "RUNNING"), log_of(pre, job)
         time.sleep(0.2)
     slurm_cluster.run("scancel", "--signal=USR1", job)
     assert slurm_cluster.wait_job(job) == "COMPLETED", log_of(pre, job)
     log = log_of(pre, job)
     stopped = re.search(r"stopped by SIGUSR1 at step (\d+)", log)
-    assert stopped and 10 <= int(stopped.group(1)) < steps, log
+    assert stopped and 8 <= int(stopped.group(1)) < steps, log
     assert f"Slurm job {job} requeued" in log and f"job {job} (restart 1)" in log
     assert f"step-{int(stopped.group(1)):08d}" in log.split("(restart 1)")[1]  # resumed from that checkpoint
 
