@@ -11,7 +11,6 @@ A folder without its marker (an upload cut short, a deletion under way) is never
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import fsspec
 
 from ..data.storage import StorageError, explain
-from .store import MARKER, STEP_DIR
+from .store import MARKER, STEP_DIR, marker_text, step_name, steps_to_prune
 
 log = logging.getLogger(__name__)
 # DeepSpeed names each data-parallel rank's files "..zero_pp_rank_<R>_mp_rank_..": that rank uploads them.
@@ -47,10 +46,10 @@ class Mirror:
         self.retries, self.backoff_s = retries, backoff_s
 
     def step_url(self, step: int) -> str:
-        return f"{self.url}/step-{step:08d}"
+        return f"{self.url}/{step_name(step)}"
 
     def _path(self, step: int, rel: str = "") -> str:
-        return f"{self.root}/step-{step:08d}" + (f"/{rel}" if rel else "")
+        return f"{self.root}/{step_name(step)}" + (f"/{rel}" if rel else "")
 
     def _retrying(self, what: str, fn):
         """Object stores fail transiently: retry with backoff; a refusal (permission, missing bucket) is final."""
@@ -108,8 +107,8 @@ class Mirror:
         return sent
 
     def mark_complete(self, step: int) -> None:
-        body = json.dumps({"step": step, "time": time.time()})
-        self._retrying("committing the checkpoint", lambda: self.fs.pipe_file(self._path(step, MARKER), body.encode()))
+        body = marker_text(step).encode()
+        self._retrying("committing the checkpoint", lambda: self.fs.pipe_file(self._path(step, MARKER), body))
 
     def put_text(self, name: str, text: str) -> None:
         self._retrying("creating the checkpoint prefix", lambda: self.fs.makedirs(self.root, exist_ok=True))
@@ -124,14 +123,10 @@ class Mirror:
     def prune(self, keep_last: int, keep_every: int | None) -> list[int]:
         """The local retention rule, applied to the mirror; the marker goes first so a half-deleted folder
         never counts as complete."""
-        removed = []
-        steps = self.complete_steps()
-        for step in steps[:-keep_last]:
-            if keep_every and step % keep_every == 0:
-                continue
+        removed = steps_to_prune(self.complete_steps(), keep_last, keep_every)
+        for step in removed:
             self.fs.rm_file(self._path(step, MARKER))
             self.fs.rm(self._path(step), recursive=True)
-            removed.append(step)
         return removed
 
     # ---- download -------------------------------------------------------------------------------------------

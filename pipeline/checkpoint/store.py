@@ -50,12 +50,29 @@ class CheckpointConfig:
                              "(local or shared) and copied to object storage with checkpoint.mirror")
 
 
+def step_name(step: int) -> str:
+    """A checkpoint folder's name, locally and in the mirror."""
+    return f"step-{step:08d}"
+
+
 def step_dir(root: Path, step: int) -> Path:
-    return root / f"step-{step:08d}"
+    return root / step_name(step)
 
 
 def partial_dir(root: Path, step: int) -> Path:
-    return root / f".step-{step:08d}.partial"
+    return root / f".{step_name(step)}.partial"
+
+
+def marker_text(step: int) -> str:
+    """What the COMPLETE marker holds, locally and in the mirror."""
+    return json.dumps({"step": step, "time": time.time()})
+
+
+def steps_to_prune(steps: list[int], keep_last: int, keep_every: int | None) -> list[int]:
+    """The retention rule: of ``steps`` (oldest first), those beyond the newest ``keep_last`` that are not
+    multiples of ``keep_every``."""
+    old = steps[:-keep_last] if keep_last else steps
+    return [s for s in old if not (keep_every and s % keep_every == 0)]
 
 
 def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
@@ -78,7 +95,7 @@ def latest_complete(root: str | Path) -> Path | None:
 
 def commit(tmp: Path, final: Path, step: int) -> Path:
     """Write the marker last, then move the folder into its final name (atomic on one filesystem)."""
-    (tmp / MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
+    (tmp / MARKER).write_text(marker_text(step))
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -87,13 +104,10 @@ def commit(tmp: Path, final: Path, step: int) -> Path:
 
 def prune(root: str | Path, keep_last: int, keep_every: int | None) -> list[Path]:
     """Delete complete checkpoints beyond the newest ``keep_last`` except multiples of ``keep_every``."""
-    found = complete_checkpoints(root)
-    removed = []
-    for step, d in found[:-keep_last] if keep_last else found:
-        if keep_every and step % keep_every == 0:
-            continue
+    found = dict(complete_checkpoints(root))
+    removed = [found[step] for step in steps_to_prune(sorted(found), keep_last, keep_every)]
+    for d in removed:
         shutil.rmtree(d, ignore_errors=True)
-        removed.append(d)
     return removed
 
 
