@@ -24,7 +24,7 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class PreemptionCheckpoint(L.Callback):
-    def __init__(self, saver: CommittedCheckpoint | None, requeue: bool):
+    def __init__(self, saver: CommittedCheckpoint, requeue: bool):
         self.saver, self.requeue = saver, requeue
         self.received: int | None = None
         self.preempted: int | None = None  # the signal number once the run stopped for it
@@ -52,8 +52,7 @@ class PreemptionCheckpoint(L.Callback):
             return
         log.warning("%s received: checkpointing step %d and stopping", signal.Signals(signum).name,
                     trainer.global_step)
-        if self.saver is not None:
-            self.saver.save(trainer)
+        self.saver.save(trainer)
         self.preempted = signum
         trainer.should_stop = True
 

@@ -71,8 +71,6 @@ def endpoint(url: str) -> str:
 
 def bucket_exists(url: str) -> bool | None:
     """True / False when the store answers, None when it cannot say (e.g. listing buckets is denied)."""
-    import fsspec
-
     fs, _ = fsspec.core.url_to_fs(url)
     try:
         return bool(fs.exists(urlparse(url).netloc))
@@ -97,8 +95,6 @@ def explain(url: str, err: BaseException, operation: str) -> StorageError:
 def probe_write(url: str, operation: str) -> None:
     """Write and delete a small object under ``url`` so that a store refusing writes fails now, not after the
     first shard (or training step) has been produced; StorageError names what was refused."""
-    import fsspec
-
     fs, path = fsspec.core.url_to_fs(url)
     probe = f"{path.rstrip('/')}/.vitpipe-write-probe"
     try:

@@ -7,12 +7,10 @@ from typing import Any, Sequence
 
 import lightning as L
 
-from ..checkpoint.state import read_module_state, submodule_state
-from ..checkpoint.store import STATE
 from ..checkpoint.timm_export import build_timm, write_timm_export
 from ..recipe import ClassifyRecipe
 from ..tasks.supervised import SupervisedTask
-from .held_out import report_classifier
+from .held_out import report_classifier, trained_weights
 from .train import TrainResult, fit, plan_run
 
 
@@ -27,12 +25,10 @@ def train_classifier(recipe: ClassifyRecipe, resume: str | None = "auto",
         return write_timm_export(out, m.arch, model, m.num_classes, m.in_chans, m.image_size, normalisation, extra)
 
     def held_out(trainer: L.Trainer, result: TrainResult) -> None:
-        if result.checkpoint is None:
-            print("classify: checkpoints disabled, so no trained weights to evaluate or register")
-            return
-        trained = build_timm(m.arch, m.num_classes, m.in_chans)
-        trained.load_state_dict(submodule_state(read_module_state(result.checkpoint / STATE)))
-        report_classifier(trained, recipe, result, "classify", write)
+        if (weights := trained_weights(result, "classify")) is not None:
+            trained = build_timm(m.arch, m.num_classes, m.in_chans)
+            trained.load_state_dict(weights)
+            report_classifier(trained, recipe, result, "classify", write)
 
     return fit(recipe, plan, task, extra_callbacks, run_tags={"vitpipe.arch": m.arch}, on_trained=held_out,
                stage="classify")

@@ -7,7 +7,7 @@ from typing import Sequence
 import lightning as L
 from mlflow import MlflowClient
 
-from ..checkpoint.state import read_callback_state, read_module_state, submodule_state
+from ..checkpoint.state import read_callback_state
 from ..checkpoint.store import STATE
 from ..models.deit import DistilledViT
 from ..models.vit import ViTEncoder
@@ -17,7 +17,7 @@ from ..tasks.deit import DeiTTask
 from ..tasks.ema import STATE_KEY as EMA_KEY
 from ..tasks.ema import WeightEMA
 from ..tracking import resolve_uri
-from .held_out import held_out_top1, report_classifier
+from .held_out import held_out_top1, report_classifier, trained_weights
 from .train import TrainResult, fit, plan_run
 
 
@@ -34,12 +34,9 @@ def train_deit(recipe: DeiTRecipe, resume: str | None = "auto",
     callbacks = [*extra_callbacks, *([WeightEMA(m.ema_decay)] if m.ema_decay else [])]
 
     def held_out(trainer: L.Trainer, result: TrainResult) -> None:
-        if result.checkpoint is None:
-            print("deit: checkpoints disabled, so no trained weights to evaluate or register")
+        if (weights := trained_weights(result, "deit")) is None:
             return
-        # read back from the final checkpoint: under ZeRO-3 this process holds only its shard of the weights
         trained = DistilledViT(ViTEncoder(m.encoder), m.num_classes, m.head)
-        weights = submodule_state(read_module_state(result.checkpoint / STATE))
         trained.load_state_dict(weights)
         report_classifier(trained, recipe, result, "deit")
         ema = read_callback_state(result.checkpoint / STATE, EMA_KEY) if m.ema_decay else None

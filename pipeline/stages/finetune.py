@@ -6,14 +6,12 @@ from typing import Sequence
 
 import lightning as L
 
-from ..checkpoint.state import read_module_state, submodule_state
-from ..checkpoint.store import STATE
 from ..models.classifier import ViTClassifier, set_drop_path
 from ..recipe import FinetuneRecipe
 from ..registry import load_model_encoder, resolve_model
 from ..tasks import FinetuneTask
 from ..tracking import resolve_uri
-from .held_out import report_classifier
+from .held_out import report_classifier, trained_weights
 from .train import TrainResult, fit, plan_run
 
 
@@ -38,13 +36,9 @@ def finetune(recipe: FinetuneRecipe, resume: str | None = "auto",
         tags["vitpipe.init_model_version"] = f"{ref.name}/{ref.version}"
 
     def held_out(trainer: L.Trainer, result: TrainResult) -> None:
-        if result.checkpoint is None:
-            print("finetune: checkpoints disabled, so no trained weights to evaluate or register")
-            return
-        # The trained weights are read back from the final checkpoint rather than taken from memory: under
-        # ZeRO-3 this process holds only its shard of them.
-        trained = classifier()
-        trained.load_state_dict(submodule_state(read_module_state(result.checkpoint / STATE)))
-        report_classifier(trained, recipe, result, "finetune")
+        if (weights := trained_weights(result, "finetune")) is not None:
+            trained = classifier()
+            trained.load_state_dict(weights)
+            report_classifier(trained, recipe, result, "finetune")
 
     return fit(recipe, plan, task, extra_callbacks, run_tags=tags, on_trained=held_out, stage="finetune")
