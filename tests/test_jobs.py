@@ -205,27 +205,35 @@ def test_what_schemas_miss(kind):
         assert rjob["replicas"] == 1 and host == f"{name}-{rjob['name']}-0-0.{name}:{RDZV_PORT}"
 
 
+def local_pod(kind: str, nodes: int, tasks: int, overrides: dict, work: Path, env: dict) -> tuple[list[str], dict]:
+    """(command, env) of the manifest's first pod, run here: the container's command and env verbatim but for
+    the rendezvous address (127.0.0.1 on a free port), in ``work`` holding the ConfigMap's recipe, with the
+    interpreter's bin folder on PATH as in the image."""
+    import sys
+
+    from mlflow_server import free_port
+
+    config, job = manifests(kind, nodes, 0, tasks, overrides)
+    (work / RECIPE_FILE).write_text(config["data"][RECIPE_FILE])
+    c = pod_templates(job)[0][0]["spec"]["containers"][0]
+    endpoint = f"--rdzv-endpoint=127.0.0.1:{free_port()}"
+    command = [endpoint if a.startswith("--rdzv-endpoint=") else a for a in c["command"]]
+    return command, {**env, **{e["name"]: e["value"] for e in c["env"]}, "VITPIPE_CACHE": str(work / ".cache"),
+                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
+
+
 @pytest.mark.slow
 def test_the_rendered_pod_command_trains_with_two_replicas(fmnist_shards, tmp_path, child_env):
     """Each replica's command and env from the JobSet manifest, verbatim but for the rendezvous address
     (127.0.0.1 on a free port), run as its own process in a folder holding the ConfigMap's recipe."""
-    import sys
-
     from conftest import tiny_overrides
-    from mlflow_server import free_port
 
     work = tmp_path / "workspace"
     work.mkdir()
     over = tiny_overrides(fmnist_shards, Path("."), **{"trainer.max_steps": 4, "data.num_workers": 1,
                                                        "trainer.sample_trace": "trace.jsonl"})
     over["checkpoint.dir"], over["tracking.uri"] = "ckpt", "sqlite:///mlflow.db"  # relative: the pod's volume
-    config, job = manifests("jobset", 2, 0, 1, over)
-    (work / RECIPE_FILE).write_text(config["data"][RECIPE_FILE])
-    template = pod_templates(job)[0][0]["spec"]["containers"][0]
-    endpoint = f"127.0.0.1:{free_port()}"
-    command = [f"--rdzv-endpoint={endpoint}" if a.startswith("--rdzv-endpoint=") else a for a in template["command"]]
-    env = {**child_env, **{e["name"]: e["value"] for e in template["env"]}, "VITPIPE_CACHE": str(work / ".cache"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{child_env['PATH']}"}
+    command, env = local_pod("jobset", 2, 1, over, work, child_env)
     pods = [subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in pods]
@@ -265,11 +273,9 @@ def test_sigterm_to_the_pods_torchrun_checkpoints_and_a_restarted_pod_resumes(fm
     """Eviction: the kubelet sends SIGTERM to the container's first process (torchrun), which passes it to the
     training processes: they checkpoint at the next step and exit; the restarted pod resumes from there."""
     import signal
-    import sys
     import time
 
     from conftest import tiny_overrides
-    from mlflow_server import free_port
 
     work = tmp_path / "workspace"
     work.mkdir()
@@ -277,13 +283,7 @@ def test_sigterm_to_the_pods_torchrun_checkpoints_and_a_restarted_pod_resumes(fm
                                                        "checkpoint.every_n_steps": 1000,
                                                        "trainer.sample_trace": "trace.jsonl"})
     over["checkpoint.dir"], over["tracking.uri"] = "ckpt", "sqlite:///mlflow.db"
-    config, job = manifests("pytorchjob", 1, 0, 2, over)
-    (work / RECIPE_FILE).write_text(config["data"][RECIPE_FILE])
-    c = pod_templates(job)[0][0]["spec"]["containers"][0]
-    command = [f"--rdzv-endpoint=127.0.0.1:{free_port()}" if a.startswith("--rdzv-endpoint=") else a
-               for a in c["command"]]
-    env = {**child_env, **{e["name"]: e["value"] for e in c["env"]}, "VITPIPE_CACHE": str(work / ".cache"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{child_env['PATH']}"}
+    command, env = local_pod("pytorchjob", 1, 2, over, work, child_env)
 
     def steps() -> int:
         traced = work / "trace.rank0.jsonl"
@@ -301,7 +301,6 @@ def test_sigterm_to_the_pods_torchrun_checkpoints_and_a_restarted_pod_resumes(fm
     assert (work / "ckpt" / saved / "COMPLETE").is_file() and 5 <= int(saved[5:]) < 300
 
     over["trainer.max_steps"] = str(int(saved[5:]) + 3)  # the restarted pod: resume and train 3 more steps
-    config, _ = manifests("pytorchjob", 1, 0, 2, over)
-    (work / RECIPE_FILE).write_text(config["data"][RECIPE_FILE])
+    command, env = local_pod("pytorchjob", 1, 2, over, work, child_env)
     again = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and f"resuming from ckpt/{saved}" in again.stderr, again.stderr[-3000:]
