@@ -13,7 +13,8 @@ import time
 import torch
 
 from pipeline.models import MAE, DecoderConfig, MAEConfig, ViTConfig
-from pipeline.tasks.optim import OptimConfig, build_optimizer
+from pipeline.tasks.config import OptimConfig
+from pipeline.tasks.optim import build_optimizer
 
 
 def images_per_s(cfg: MAEConfig, batch: int, steps: int, warmup: int) -> float:

@@ -7,16 +7,13 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from .checkpoint import CheckpointConfig
+from .checkpoint.store import CheckpointConfig
 from .config import ConfigError, apply_overrides, build, digest, read_mapping, to_dict
-from .data import StreamConfig
-from .data.storage import StorageConfig
-from .distributed import ZeroConfig
-from .models import MAEConfig
+from .data.config import StorageConfig, StreamConfig
+from .distributed.strategy import ZeroConfig
+from .models.config import MAEConfig
 from .resources import find_recipe
-from .tasks import FinetuneConfig, FinetuneOptimConfig, OptimConfig
-from .tasks.deit import DeiTConfig
-from .tasks.supervised import TimmClassifierConfig
+from .tasks.config import DeiTConfig, FinetuneConfig, FinetuneOptimConfig, OptimConfig, TimmClassifierConfig
 from .tracking import TrackingConfig
 
 
@@ -100,6 +97,7 @@ class Recipe(RunRecipe):
     """MAE pretraining."""
 
     task: Literal["mae"] = "mae"
+    labelled = False  # class attribute, not a recipe key: MAE ignores labels: samples without one train too
     model: MAEConfig = field(default_factory=MAEConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -112,6 +110,7 @@ class FinetuneRecipe(RunRecipe):
     """Supervised fine-tuning of a registered encoder with a classification head."""
 
     task: Literal["finetune"] = "finetune"
+    labelled = True  # class attribute, not a recipe key: samples without a usable label are skipped and counted
     model: FinetuneConfig = field(default_factory=FinetuneConfig)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
 
@@ -125,6 +124,7 @@ class DeiTRecipe(RunRecipe):
     base_lr 2.5e-4 under the batch / 256 rule."""
 
     task: Literal["deit"] = "deit"
+    labelled = True  # class attribute, not a recipe key: samples without a usable label are skipped and counted
     model: DeiTConfig = field(default_factory=DeiTConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(base_lr=2.5e-4, betas=(0.9, 0.999),
                                                                    warmup_epochs=5.0, min_lr=1e-5))
@@ -138,6 +138,7 @@ class ClassifyRecipe(RunRecipe):
     """A timm classifier trained from scratch on labelled shards, e.g. the CNN teacher of a DeiT student."""
 
     task: Literal["classify"] = "classify"
+    labelled = True  # class attribute, not a recipe key: samples without a usable label are skipped and counted
     model: TimmClassifierConfig = field(default_factory=TimmClassifierConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(base_lr=5e-4, betas=(0.9, 0.999),
                                                                    warmup_epochs=5.0, min_lr=1e-5))
@@ -173,10 +174,12 @@ def load_recipe(name_or_path: str, overrides: Mapping[str, Any] | None = None) -
     """Read a recipe file (or a built-in recipe name such as ``mae/tiny_fmnist``) and apply overrides."""
     path = find_recipe(name_or_path)
     raw = read_mapping(path, "a recipe is a mapping of sections")
-    apply_overrides(raw, dict(overrides or {}))
+    overrides = dict(overrides or {})
+    apply_overrides(raw, overrides)
     task = raw.get("task", "mae")
     if task not in RECIPE_TYPES:
-        raise ConfigError(f"{path}: task {task!r} is not one of {sorted(RECIPE_TYPES)}")
+        raise ConfigError(f"{blame(path, 'task', overrides)}: task {task!r} is not one of {sorted(RECIPE_TYPES)}",
+                          "task")
     # The transform size follows the model unless the recipe sets it.
     model = raw.get("model") or {}
     sized = model.get("encoder") or {} if task in ("mae", "deit") else model
@@ -190,7 +193,19 @@ def load_recipe(name_or_path: str, overrides: Mapping[str, Any] | None = None) -
     try:
         return build(RECIPE_TYPES[task], raw)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        raise ConfigError(f"{blame(path, err.key, overrides)}: {err}", err.key) from None
+
+
+def blame(path: Path, key: str | None, overrides: Mapping[str, Any]) -> str:
+    """Where a bad value came from: the override that set ``key`` (or a key under it, or the section it is
+    in), else the recipe file, which is also named when overrides only touched part of a failing section."""
+    if key:
+        hits = [k for k in overrides if k == key or k.startswith(key + ".") or key.startswith(k + ".")]
+        if len(hits) == 1 and (hits[0] == key or key.startswith(hits[0] + ".")):
+            return f"override --{hits[0]} {overrides[hits[0]]}"
+        if hits:
+            return f"{path} with " + ", ".join(f"--{k} {overrides[k]}" for k in hits)
+    return str(path)
 
 
 def save_recipe(recipe: RunRecipe, path: str | Path) -> None:

@@ -10,9 +10,11 @@ import torch
 
 from pipeline.checkpoint.export import encoder_config
 from pipeline.models.deit import DistilledViT
-from pipeline.models.vit import ViTConfig, ViTEncoder
-from pipeline.tasks.distill import DistillConfig, distillation_loss
-from pipeline.tasks.mixing import MixupConfig, build_mixup, mix
+from pipeline.models.config import ViTConfig
+from pipeline.models.vit import ViTEncoder
+from pipeline.tasks.config import DistillConfig, MixupConfig
+from pipeline.tasks.distill import distillation_loss
+from pipeline.tasks.mixing import build_mixup, mix
 
 
 def tiny(pos_embed: str = "learned", **kw) -> ViTEncoder:

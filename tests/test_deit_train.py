@@ -10,7 +10,8 @@ from pipeline.checkpoint.export import export_checkpoint, load_classifier, write
 from pipeline.checkpoint.state import read_callback_state
 from pipeline.models.deit import DistilledViT
 from pipeline.models.classifier import ViTClassifier
-from pipeline.models.vit import ViTConfig, ViTEncoder
+from pipeline.models.config import ViTConfig
+from pipeline.models.vit import ViTEncoder
 from pipeline.recipe import load_recipe
 from pipeline.registry import resolve_model
 from pipeline.stages.pretrain import pretrain
@@ -54,7 +55,8 @@ def test_deit_without_a_teacher_trains_evaluates_and_registers(fmnist_shards, tm
     assert ref.tags["vitpipe.eval.deit_top1"] == f"{ref.metadata()['val_top1']:.4f}"
 
     # the rest of the chain: kNN evaluation of the registered student's encoder (its CLS token)
-    from pipeline.stages.evaluate import EvalConfig, evaluate_model
+    from pipeline.evaluation.config import EvalConfig
+    from pipeline.stages.evaluate import evaluate_model
     from pipeline.tracking import TrackingConfig
 
     cfg = EvalConfig(train=str(fmnist_shards / "train"), val=str(fmnist_shards / "val"), protocols=["knn"],
@@ -139,7 +141,8 @@ def test_cnn_teacher_trained_and_registered_by_the_pipeline_teaches_a_student(fm
     from it by alias; the teacher the student used is the registered one (same logits as the checkpoint's)."""
     from pipeline.checkpoint.state import read_module_state, submodule_state
     from pipeline.checkpoint.timm_export import build_timm
-    from pipeline.registry.teacher import TeacherConfig, load_teacher
+    from pipeline.registry.teacher import load_teacher
+    from pipeline.tasks.config import TeacherConfig
 
     monkeypatch.setenv("VITPIPE_CACHE", str(tmp_path / "cache"))
     cnn = pretrain(load_recipe("classify/resnet_fmnist", overrides(fmnist_shards, tmp_path / "cnn", **{

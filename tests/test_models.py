@@ -10,8 +10,8 @@ import torch
 
 from pipeline.models import MAE, DecoderConfig, MAEConfig, ViTConfig, ViTEncoder
 from pipeline.models.pos_embed import resample_grid, resample_table
-from pipeline.tasks.optim import (OptimConfig, absolute_lr, build_optimizer, param_groups,
-                                  warmup_cosine)
+from pipeline.tasks.config import OptimConfig
+from pipeline.tasks.optim import absolute_lr, build_optimizer, param_groups, warmup_cosine
 
 
 def tiny_encoder_cfg(kind: str = "sincos2d", image_size=(64, 64), patch_size: int = 16, **kw) -> ViTConfig:

@@ -12,9 +12,11 @@ from mlflow_server import mlflow_server  # noqa: F401  (fixture)
 from pipeline.checkpoint.export import write_classifier_export
 from pipeline.checkpoint.timm_export import build_timm, write_timm_export
 from pipeline.models.classifier import ViTClassifier
-from pipeline.models.vit import ViTConfig, ViTEncoder
+from pipeline.models.config import ViTConfig
+from pipeline.models.vit import ViTEncoder
 from pipeline.registry import ModelError, register_export
-from pipeline.registry.teacher import TeacherConfig, load_teacher
+from pipeline.registry.teacher import load_teacher
+from pipeline.tasks.config import TeacherConfig
 
 STUDENT = {"mean": [0.2860] * 3, "std": [0.3530] * 3}  # e.g. Fashion-MNIST statistics
 TEACHER_NORM = {"mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3]}

@@ -312,7 +312,8 @@ def test_deit_student_with_a_teacher_under_zero2_equals_ddp(fmnist_shards, tmp_p
     mixup, drop path) gives the same per-rank losses under ZeRO-2 as under DDP, and both end evaluated."""
     from pipeline.checkpoint.export import write_classifier_export
     from pipeline.models.classifier import ViTClassifier
-    from pipeline.models.vit import ViTConfig, ViTEncoder
+    from pipeline.models.config import ViTConfig
+    from pipeline.models.vit import ViTEncoder
 
     torch.manual_seed(0)
     enc = ViTEncoder(ViTConfig(size="tiny", embed_dim=32, depth=1, num_heads=4, image_size=(16, 16), patch_size=4))

@@ -1,7 +1,8 @@
 """Committed checkpoints, resume discovery and retention (objective-agnostic), and export of MAE weights."""
-from .callback import CommittedCheckpoint
-from .export import export_checkpoint, load_encoder
-from .store import CheckpointConfig, complete_checkpoints, latest_complete, prune, resolve_resume
+from .._lazy import lazy_exports
 
-__all__ = ["CommittedCheckpoint", "CheckpointConfig", "complete_checkpoints", "export_checkpoint",
-           "latest_complete", "load_encoder", "prune", "resolve_resume"]
+_WHERE = {"CommittedCheckpoint": ".callback", "CheckpointConfig": ".store", "complete_checkpoints": ".store",
+          "export_checkpoint": ".export", "latest_complete": ".store", "load_encoder": ".export", "prune": ".store",
+          "resolve_resume": ".store"}
+__getattr__ = lazy_exports(__name__, _WHERE)
+__all__ = sorted(_WHERE)

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from ..config import build, digest, to_dict
 from ..models import MAE, MAEConfig, ViTConfig, ViTEncoder
-from ..models.mae import DecoderConfig
 from ..models.classifier import ViTClassifier
+from ..models.config import DecoderConfig
 from ..models.deit import DistilledViT
 from .state import read_module_state, submodule_state
 from .store import CONFIG, MARKER, STATE

@@ -9,31 +9,14 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
 import fsspec.config
 
-from ..config import flatten
-from ..tracking.secrets import ENV_REFERENCE, is_secret_key
+from .config import StorageConfig
 
 _NAME = re.compile(r"^\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?$")
-
-
-@dataclass
-class StorageConfig:
-    """fsspec options for object storage, per protocol, applied to every filesystem the run opens, e.g.
-    ``s3: {endpoint_url: "${S3_ENDPOINT}", key: "${S3_KEY}", secret: "${S3_SECRET}"}``. A value is literal or
-    a ``${NAME}`` reference to an environment variable; secret-looking options must be references."""
-
-    s3: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for key, value in flatten(self.s3, "s3").items():
-            if is_secret_key(key.rsplit(".", 1)[-1]) and not (isinstance(value, str) and ENV_REFERENCE.match(value)):
-                raise ValueError(f"{key}: a literal secret in a recipe is refused (recipes are logged and shared); "
-                                 f"write a reference to an environment variable such as \"${{S3_SECRET}}\"")
 
 
 def _expand(value: Any, where: str) -> Any:

@@ -1,7 +1,8 @@
 """Batch arithmetic, the process layout from the launcher, and the strategy object. Knows nothing of models or data."""
-from .batch import BatchPlan, derive_batch
-from .environment import Layout, cluster_environment, launcher_layout, resolve_layout, world_size
-from .strategy import ZeroConfig, build_strategy
+from .._lazy import lazy_exports
 
-__all__ = ["BatchPlan", "derive_batch", "Layout", "cluster_environment", "launcher_layout", "resolve_layout",
-           "world_size", "ZeroConfig", "build_strategy"]
+_WHERE = {"BatchPlan": ".batch", "derive_batch": ".batch", "Layout": ".environment",
+          "cluster_environment": ".environment", "launcher_layout": ".environment", "resolve_layout": ".environment",
+          "world_size": ".environment", "ZeroConfig": ".strategy", "build_strategy": ".strategy"}
+__getattr__ = lazy_exports(__name__, _WHERE)
+__all__ = sorted(_WHERE)

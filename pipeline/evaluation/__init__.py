@@ -2,10 +2,9 @@
 
 Pure functions of feature tensors; extracting the features from an encoder lives elsewhere.
 """
-from .knn import KNNConfig, knn_accuracy, knn_predict
-from .linear_probe import LinearProbeConfig, ProbeResult, train_linear_probe
+from .._lazy import lazy_exports
 
-__all__ = [
-    "KNNConfig", "knn_predict", "knn_accuracy",
-    "LinearProbeConfig", "ProbeResult", "train_linear_probe",
-]
+_WHERE = {"KNNConfig": ".config", "knn_predict": ".knn", "knn_accuracy": ".knn", "LinearProbeConfig": ".config",
+          "ProbeResult": ".linear_probe", "train_linear_probe": ".linear_probe", "EvalConfig": ".config"}
+__getattr__ = lazy_exports(__name__, _WHERE)
+__all__ = sorted(_WHERE)

@@ -6,35 +6,15 @@ parameters are trained, which makes kNN a cheap, hyper-parameter-light probe of 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+
+from .config import KNNConfig
 
 # Float32 elements held per chunk of test rows: 2**26 = 256 MiB. A test row holds N similarities plus
 # its k gathered features (k * D) and one-hot votes (k * C): 67 rows per chunk at N = 1e6, thousands
 # when N is small. Selection masks add 1 byte per similarity.
 CHUNK_ELEMS = 2**26
-
-
-@dataclass
-class KNNConfig:
-    """The weighted kNN classifier; DINO's defaults (k = 20, T = 0.07)."""
-
-    k: int = 20
-    """Neighbours per test feature; clipped to the number of training features."""
-    temperature: float = 0.07
-    """T in the vote weight exp(sim / T); smaller T lets the nearest neighbours dominate."""
-    chunk_rows: int | None = None
-    """Test rows per similarity block; None sizes blocks to ``CHUNK_ELEMS`` to bound memory."""
-
-    def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.chunk_rows is not None and self.chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be >= 1 or None, got {self.chunk_rows}")
 
 
 def nearest_indices(sims: torch.Tensor, k: int) -> torch.Tensor:

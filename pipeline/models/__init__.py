@@ -1,5 +1,7 @@
 """Models: ViT encoder, position embeddings, MAE. Independent of Lightning, data and tracking."""
-from .mae import MAE, DecoderConfig, MAEConfig
-from .vit import VIT_SIZES, ViTConfig, ViTEncoder
+from .._lazy import lazy_exports
 
-__all__ = ["MAE", "MAEConfig", "DecoderConfig", "VIT_SIZES", "ViTConfig", "ViTEncoder"]
+_WHERE = {"MAE": ".mae", "MAEConfig": ".config", "DecoderConfig": ".config", "VIT_SIZES": ".config",
+          "ViTConfig": ".config", "ViTEncoder": ".vit"}
+__getattr__ = lazy_exports(__name__, _WHERE)
+__all__ = sorted(_WHERE)

@@ -20,13 +20,14 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .mae import MAE, DecoderConfig, MAEConfig
-from .pos_embed import grid_of, sincos_2d
+from ..config import IMAGENET_NORMALISATION
+from .config import VIT_SIZES, DecoderConfig, MAEConfig, ViTConfig, grid_of
+from .mae import MAE
+from .pos_embed import sincos_2d
 from .state_file import check_keys, read_state_dict, shapes
-from .vit import VIT_SIZES, ViTConfig, ViTEncoder
+from .vit import ViTEncoder
 
 # The input normalisation timm, MAE and DeiT checkpoints were trained with; callers record it on export.
-IMAGENET_NORMALISATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 LAYER_SCALE_INIT = 1e-5  # recorded when a file has LayerScale: the value only matters for a fresh init
 TABLE_ATOL = 1e-4  # a stored table "is" the sin-cos one within float32 rounding of its computation
 

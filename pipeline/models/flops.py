@@ -8,7 +8,7 @@ Activation checkpointing re-runs forwards, but MFU counts the model's FLOPs, not
 """
 from __future__ import annotations
 
-from .mae import MAEConfig
+from .config import MAEConfig
 
 
 def block_flops(tokens: int, dim: int, mlp_ratio: float) -> int:

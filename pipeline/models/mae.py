@@ -7,41 +7,12 @@ D encoder width, Dd decoder width, P = patch_size**2 * C pixel values per patch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
+from .config import MAEConfig
 from .pos_embed import PosEmbed
-from .vit import ViTConfig, ViTEncoder, init_weights_mae, make_blocks, run_blocks
-
-
-@dataclass
-class DecoderConfig:
-    """MAE's light decoder; the paper's default is 8 blocks of width 512."""
-
-    depth: int = 8
-    dim: int = 512
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-
-
-@dataclass
-class MAEConfig:
-    """The MAE model: encoder, decoder, masking and reconstruction target."""
-
-    encoder: ViTConfig = field(default_factory=ViTConfig)
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    """Regress per-patch normalised pixels (mean 0, var 1 per patch), the paper's better target."""
-    encoder_mask_tokens: bool = False
-    """Ablation (SimMIM/BEiT style): the encoder processes all L tokens with mask tokens in place of the
-    masked patches. Slower; kept to measure MAE's speed-up claim."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+from .vit import ViTEncoder, init_weights_mae, make_blocks, run_blocks
 
 
 class MAE(nn.Module):

@@ -6,68 +6,18 @@ The encoder can run on a subset of patches (``ids_keep``), which is what MAE's e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .pos_embed import PosEmbed, PosEmbedKind, apply_rope, grid_of
-
-# name -> (embed_dim, depth, num_heads), as in the ViT / DeiT papers.
-VIT_SIZES: dict[str, tuple[int, int, int]] = {
-    "tiny": (192, 12, 3),
-    "small": (384, 12, 6),
-    "base": (768, 12, 12),
-    "large": (1024, 24, 16),
-    "huge": (1280, 32, 16),
-}
-
-
-@dataclass
-class ViTConfig:
-    """The encoder's architecture."""
-
-    size: str = "base"
-    """One of tiny, small, base, large, huge; sets width, depth and heads unless given below."""
-    image_size: tuple[int, int] = (224, 224)
-    """Input height and width in pixels; each a multiple of ``patch_size``."""
-    patch_size: int = 16
-    in_chans: int = 3
-    pos_embed: PosEmbedKind = "sincos2d"
-    """learned (1D table incl. CLS), sincos2d (fixed, MAE), or rope2d (rotary, in attention)."""
-    layer_scale: float | None = None
-    """Initial value of LayerScale (DeiT III / CaiT); None disables it."""
-    drop_path: float = 0.0
-    """Stochastic depth rate of the last block, rising linearly from 0."""
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    distill_token: bool = False
-    """A second prefix token after CLS (DeiT's distillation token), with its own position row."""
-
-    def __post_init__(self) -> None:
-        if self.size not in VIT_SIZES:
-            raise ValueError(f"size {self.size!r} is not one of {sorted(VIT_SIZES)}")
-        dim, depth, heads = VIT_SIZES[self.size]
-        self.embed_dim = self.embed_dim or dim
-        self.depth = self.depth or depth
-        self.num_heads = self.num_heads or heads
-        self.image_size = tuple(self.image_size)
-        grid_of(self.image_size, self.patch_size)  # validates divisibility
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return grid_of(self.image_size, self.patch_size)
+from .config import ViTConfig
+from .pos_embed import PosEmbed, apply_rope
 
 
 class RopeAttention(Attention):

@@ -1,6 +1,8 @@
 """The MLflow model registry: register exports with lineage tags, resolve ``models:/`` URIs, load encoders."""
-from .lineage import code_version
-from .models import ModelError, ModelRef, load_model_encoder, register_export, resolve_model, tag_version
+from .._lazy import lazy_exports
 
-__all__ = ["ModelError", "ModelRef", "code_version", "load_model_encoder", "register_export", "resolve_model",
-           "tag_version"]
+_WHERE = {"ModelError": ".models", "ModelRef": ".models", "code_version": ".lineage",
+          "load_model_encoder": ".models", "register_export": ".models", "resolve_model": ".models",
+          "tag_version": ".models"}
+__getattr__ = lazy_exports(__name__, _WHERE)
+__all__ = sorted(_WHERE)

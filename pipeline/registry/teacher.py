@@ -6,7 +6,6 @@ The student's normalised images are re-normalised to the teacher's statistics an
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,30 +15,8 @@ from torch import nn
 
 from ..checkpoint.export import load_classifier
 from ..checkpoint.timm_export import build_timm, load_timm_classifier
+from ..tasks.config import TeacherConfig
 from .models import ModelError, resolve_model
-
-IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-
-
-@dataclass
-class TeacherConfig:
-    """Where the teacher comes from; an empty ``model`` means no teacher."""
-
-    model: str = ""
-    """models:/<name>@<alias>, models:/<name>/<version>, an export folder, or timm:<arch> with ``weights``."""
-    weights: str | None = None
-    """For timm:<arch>: a local safetensors or torch state-dict file (never downloaded)."""
-    num_classes: int | None = None
-    """For timm:<arch>: its classes (a registered teacher records them)."""
-    in_chans: int = 3
-    image_size: tuple[int, int] | None = None
-    """For timm:<arch>: its input size (None: the student's)."""
-    normalisation: dict[str, list[float]] = field(default_factory=lambda: dict(IMAGENET))
-    """For timm:<arch>: the mean/std its weights expect."""
-
-    def __post_init__(self) -> None:
-        if self.model.startswith("timm:") and (not self.weights or self.num_classes is None):
-            raise ValueError("teacher: timm:<arch> needs teacher.weights (a local file) and teacher.num_classes")
 
 
 class Teacher(nn.Module):

@@ -9,9 +9,9 @@ import lightning as L
 from ..recipe import ClassifyRecipe, DeiTRecipe, Recipe
 from ..tasks import MAEPretrainTask
 from ..tracking.callbacks import ReconstructionImages
-from .register import register_checkpoint
 from .classify import train_classifier
 from .deit import train_deit
+from .register import register_checkpoint
 from .train import TrainResult, fit, plan_run
 
 PretrainResult = TrainResult

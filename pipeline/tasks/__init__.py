@@ -1,9 +1,9 @@
-"""One LightningModule per objective; each owns its loss, metrics, optimizer and schedule."""
-from .base import Schedule, StreamTask
-from .finetune import FinetuneConfig, FinetuneTask
-from .mixing import MixupConfig
-from .mae import MAEPretrainTask
-from .optim import FinetuneOptimConfig, OptimConfig
+"""One LightningModule per objective; each owns its loss, metrics, optimizer and schedule. Their configs live
+in ``tasks.config``, which imports no torch."""
+from .._lazy import lazy_exports
 
-__all__ = ["FinetuneConfig", "FinetuneOptimConfig", "FinetuneTask", "MAEPretrainTask", "MixupConfig",
-           "OptimConfig", "Schedule", "StreamTask"]
+_WHERE = {"Schedule": ".base", "StreamTask": ".base", "FinetuneConfig": ".config", "FinetuneTask": ".finetune",
+          "MixupConfig": ".config", "MAEPretrainTask": ".mae", "FinetuneOptimConfig": ".config",
+          "OptimConfig": ".config"}
+__getattr__ = lazy_exports(__name__, _WHERE)
+__all__ = sorted(_WHERE)

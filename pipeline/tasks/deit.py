@@ -4,48 +4,17 @@ from the labels and, through the distillation head, from a frozen teacher; mixup
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..models.deit import DistilledViT
-from ..models.vit import ViTConfig, ViTEncoder
-from ..registry.teacher import TeacherConfig
+from ..models.vit import ViTEncoder
 from .base import Schedule
-from .distill import DistillConfig, distillation_loss
-from .mixing import MixupConfig
-from .optim import OptimConfig
+from .config import DeiTConfig, OptimConfig
+from .distill import distillation_loss
 from .supervised import SupervisedTask
-
-
-@dataclass
-class DeiTConfig:
-    """The student, its heads, the teacher and the loss."""
-
-    encoder: ViTConfig = field(default_factory=lambda: ViTConfig(size="small", pos_embed="learned",
-                                                                 distill_token=True, drop_path=0.1))
-    num_classes: int = 1000
-    head: Literal["both", "cls", "dist"] = "both"
-    """Which head predicts at evaluation: both averaged (DeiT), or one alone."""
-    label_smoothing: float = 0.1
-    mixup: MixupConfig = field(default_factory=MixupConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    eval_crop_pct: float = 0.875
-    """Centre-crop fraction of the held-out evaluation at the end of the run."""
-    eval_limit: int | None = None
-    """Evaluate on the first this-many held-out samples (None: all)."""
-    ema_decay: float | None = None
-    """Keep an exponential moving average of the weights (DeiT: 0.99996) and report its top-1 too."""
-
-    def __post_init__(self) -> None:
-        if not self.encoder.distill_token:
-            raise ValueError("model.encoder.distill_token must be true for a DeiT student")
-        if self.distill.kind != "none" and not self.teacher.model:
-            raise ValueError(f"model.distill.kind is {self.distill.kind!r} but model.teacher.model is empty "
-                             "(set a teacher, or distill.kind: none for supervised training alone)")
 
 
 class DeiTTask(SupervisedTask):

@@ -9,32 +9,11 @@ times the number of classes). ``none``: no teacher; both heads learn from the ta
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
+from .config import DistillConfig
 from .mixing import label_loss
-
-DistillKind = Literal["none", "hard", "soft"]
-
-
-@dataclass
-class DistillConfig:
-    """How the distillation head learns."""
-
-    kind: DistillKind = "hard"
-    alpha: float = 0.5
-    """Weight of the distillation term; the label term gets 1 - alpha."""
-    tau: float = 1.0
-    """Temperature of soft distillation."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"distill.alpha {self.alpha} is not in [0, 1]")
-        if self.tau <= 0:
-            raise ValueError(f"distill.tau {self.tau} must be > 0")
 
 
 def distillation_loss(cls_logits: torch.Tensor, dist_logits: torch.Tensor, target: torch.Tensor,

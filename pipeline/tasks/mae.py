@@ -7,7 +7,8 @@ import torch
 
 from ..models import MAE, MAEConfig
 from .base import Schedule, StreamTask, sample_seed
-from .optim import OptimConfig, build_optimizer
+from .config import OptimConfig
+from .optim import build_optimizer
 
 
 class MAEPretrainTask(StreamTask):

@@ -1,22 +1,11 @@
 """Mixup / CutMix on a batch (timm's Mixup) and the cross-entropy against the soft targets they make."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 
-
-@dataclass
-class MixupConfig:
-    """Mixup and CutMix on each batch (timm's Mixup); both alphas 0 turn it off."""
-
-    mixup_alpha: float = 0.8
-    cutmix_alpha: float = 1.0
-    prob: float = 1.0
-    switch_prob: float = 0.5
-    """Chance of CutMix rather than Mixup when both are on."""
+from .config import MixupConfig
 
 
 def build_mixup(cfg: MixupConfig, num_classes: int, label_smoothing: float) -> Mixup | None:

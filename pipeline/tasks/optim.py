@@ -2,28 +2,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-
-@dataclass
-class OptimConfig:
-    """Optimizer and schedule. The learning rate scales with the effective (global) batch."""
-
-    base_lr: float = 1.5e-4
-    """lr = base_lr * effective_batch / 256 (the MAE paper's linear scaling rule)."""
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_epochs: float = 40.0
-    warmup_steps: int | None = None
-    """Overrides warmup_epochs when set."""
-    min_lr: float = 0.0
-    grad_clip: float | None = None
-    """Clip the global gradient norm to this value; None disables clipping."""
-
+from .config import OptimConfig
 
 # Parameters that get no weight decay besides norms and biases (found by name).
 NO_DECAY_NAMES = ("cls_token", "dist_token", "mask_token", "pos_embed", "encoder_mask_token")
@@ -84,13 +68,3 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, effective_batch: int, to
     return opt, sched
 
 
-@dataclass
-class FinetuneOptimConfig(OptimConfig):
-    """Fine-tuning adds layer-wise lr decay; defaults are the MAE paper's ViT-B fine-tuning (Table 9)."""
-
-    base_lr: float = 5e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_epochs: float = 5.0
-    min_lr: float = 1e-6
-    layer_decay: float = 0.65
-    """lr of layer i = peak * layer_decay ** (depth + 1 - i); 1.0 disables."""

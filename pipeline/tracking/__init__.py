@@ -1,4 +1,6 @@
 """MLflow tracking set-up and the callbacks that feed it. Knows nothing of training internals."""
-from .mlflow_setup import TrackingConfig, make_logger, resolve_uri, ui_command
+from .._lazy import lazy_exports
 
-__all__ = ["TrackingConfig", "make_logger", "resolve_uri", "ui_command"]
+_WHERE = {"TrackingConfig": ".config", "make_logger": ".mlflow_setup", "resolve_uri": ".config"}
+__getattr__ = lazy_exports(__name__, _WHERE)
+__all__ = sorted(_WHERE)
