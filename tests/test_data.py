@@ -23,7 +23,8 @@ from pipeline.data.plan import EpochPlan, consumed_per_worker
 from pipeline.data.sharding import index_shards
 from pipeline.data.sources import FMNIST_CLASSES, FMNIST_DIR, FashionMNISTSource
 from pipeline.data.tar_io import iter_raw_samples, sha256_of
-from pipeline.data.transforms import TrainTransform, crop_box, decode_image
+from pipeline.data.decode import decode_image
+from pipeline.data.transforms import TrainTransform, crop_box
 from pipeline.stages.shard import shard_fashion_mnist, shard_image_folder
 
 

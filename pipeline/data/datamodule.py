@@ -5,14 +5,20 @@ from typing import Any
 
 import lightning as L
 
+from .config import StreamConfig
 from .manifest import Manifest, load_manifest
-from .stream import ShardStream, StreamConfig, StreamLoader
+from .stream import ShardStream, StreamLoader
 
 
 class ShardDataModule(L.LightningDataModule):
-    def __init__(self, cfg: StreamConfig, batch_size: int, seed: int):
+    """``labelled``: the task learns from labels, so samples without a usable one (in [0, ``num_classes``)
+    when given) are skipped and counted as bad; an unlabelled task (MAE) takes every decodable sample."""
+
+    def __init__(self, cfg: StreamConfig, batch_size: int, seed: int, labelled: bool = False,
+                 num_classes: int | None = None):
         super().__init__()
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.labelled, self.num_classes = labelled, num_classes
         self.manifest: Manifest = load_manifest(cfg.train)
         self.loader: StreamLoader | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -21,7 +27,8 @@ class ShardDataModule(L.LightningDataModule):
         if self.loader is not None:
             return
         m = self.manifest
-        ds = ShardStream(m.shard_urls(), [s.num_samples for s in m.shards], self.cfg, self.batch_size, self.seed)
+        ds = ShardStream(m.shard_urls(), [s.num_samples for s in m.shards], self.cfg, self.batch_size, self.seed,
+                         self.labelled, self.num_classes)
         ds.rank, ds.world_size = self.trainer.global_rank, self.trainer.world_size
         if ds.plan().batches_per_rank == 0:
             raise ValueError(f"{m.location}: {m.num_samples} samples are fewer than one batch of "

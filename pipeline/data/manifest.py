@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ import fsspec
 
 from .storage import bucket_exists, explain, is_object_store
 
+log = logging.getLogger(__name__)
 FORMAT = "vitpipe.shards/1"
 MANIFEST_NAME = "manifest.json"
 
@@ -27,8 +29,12 @@ class ManifestError(ValueError):
 class ShardInfo:
     url: str
     num_samples: int
+    """Complete samples the loader reads from the shard: of a truncated shard, those before the damage."""
     sha256: str = ""
     bytes: int = 0
+    truncated: str | None = None
+    """Why the shard is readable only up to ``num_samples`` (where and how its archive ends); None: whole.
+    Left out of the JSON when None, so manifests of whole shards (and their digests) are as before."""
 
 
 @dataclass
@@ -49,9 +55,15 @@ class Manifest:
     def shard_urls(self) -> list[str]:
         return [resolve(self.location, s.url) for s in self.shards]
 
+    def truncated_shards(self) -> list[ShardInfo]:
+        return [s for s in self.shards if s.truncated is not None]
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("location")
+        for shard in d["shards"]:
+            if shard["truncated"] is None:
+                del shard["truncated"]
         return {"format": FORMAT, "num_samples": self.num_samples, **d}
 
     def digest(self) -> str:
@@ -81,7 +93,8 @@ def load_manifest(url: str) -> Manifest:
     except FileNotFoundError as err:
         if is_object_store(target) and bucket_exists(target) is False:
             raise explain(target, err, "reading the shard manifest") from None
-        raise ManifestError(f"{target}: no shard manifest here (run `vitpipe shard` or `vitpipe shard index`)") from None
+        raise ManifestError(f"{target}: no shard manifest here (write one with `vitpipe shard --images DIR --out URL`, "
+                            "or `vitpipe shard --index TAR... --out DIR` for shards made elsewhere)") from None
     except PermissionError as err:
         raise explain(target, err, "reading the shard manifest") from None
     except json.JSONDecodeError as err:
@@ -97,4 +110,7 @@ def load_manifest(url: str) -> Manifest:
         raise ManifestError(f"{target}: malformed manifest ({err})") from None
     if not shards:
         raise ManifestError(f"{target}: lists no shards")
+    for shard in manifest.truncated_shards():
+        log.warning("%s: shard %s is truncated (%s); its %d complete samples are read", target, shard.url,
+                    shard.truncated, shard.num_samples)
     return manifest

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import os
 import posixpath
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Callable, Sequence
 
 import fsspec
 
-from .manifest import Manifest, ShardInfo
+from ..console import Progress
+from .manifest import Manifest, ManifestError, ShardInfo
 from .storage import probe_write
-from .tar_io import iter_raw_samples, sha256_of, write_shard
+from .tar_io import scan_shard, sha256_of, write_shard
 
 _SOURCE: Any = None  # set in each worker process by _init_worker
 
@@ -50,12 +51,17 @@ def write_split(source: Any, items: Sequence[Any], out_url: str, split: str, sha
     fs.makedirs(path, exist_ok=True)
     chunks = [items[i: i + shard_size] for i in range(0, len(items), shard_size)]
     jobs = [(f"{out_url}/{split}-{n:06d}.tar", chunk) for n, chunk in enumerate(chunks)]
+    progress = Progress(f"{split}: shards written", len(jobs), "shards")
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(source,)) as pool:
-            results = list(pool.map(_write_one, jobs))
+            futures = {pool.submit(_write_one, job): n for n, job in enumerate(jobs)}
+            results: list[Any] = [None] * len(jobs)
+            for done in as_completed(futures):  # in the order shards finish, for the progress lines
+                results[futures[done]] = done.result()
+                progress.update()
     else:
         _init_worker(source)
-        results = [_write_one(job) for job in jobs]
+        results = [_write_one(job) for job in progress.wrap(jobs)]
     shards = [info for info, _ in results]
     skipped = [s for _, sk in results for s in sk]
     manifest = Manifest(split=split, shards=shards, classes=list(source.classes), image_ext=source.image_ext,
@@ -67,20 +73,35 @@ def write_split(source: Any, items: Sequence[Any], out_url: str, split: str, sha
 
 
 def index_shards(urls: Sequence[str], out_url: str, split: str, classes: Sequence[str] = (),
-                 log: Callable[[str], None] = print) -> Manifest:
-    """Write a manifest for existing WebDataset shards (made by any tool): counts samples, hashes files."""
+                 strict: bool = False, log: Callable[[str], None] = print) -> Manifest:
+    """Write a manifest for existing WebDataset shards (made by any tool): counts complete samples, checks
+    that each archive is whole, hashes files.
+
+    A truncated shard (cut inside a member, or ending without its end-of-archive marker) is recorded with the
+    number of complete samples before the damage and the reason, and named in the output; the loader then
+    reads only those samples. With ``strict`` any truncated shard is a ManifestError naming each one, and no
+    manifest is written."""
     shards, exts = [], set()
     # Local paths are stored absolute: relative ones would be read against the manifest's folder.
     urls = [u if "://" in u else os.path.abspath(u) for u in urls]
     for url in urls:
-        n = 0
-        for sample in iter_raw_samples(url):
-            n += 1
-            exts.update(k for k in sample if k in ("jpg", "jpeg", "png", "webp"))
+        scan = scan_shard(url)
+        exts.update(scan.extensions & {"jpg", "jpeg", "png", "webp"})
         sha, nbytes = sha256_of(url)
-        shards.append(ShardInfo(url=url, num_samples=n, sha256=sha, bytes=nbytes))
-        log(f"{url}: {n} samples")
+        shards.append(ShardInfo(url=url, num_samples=scan.num_samples, sha256=sha, bytes=nbytes,
+                                truncated=scan.truncated))
+        if scan.truncated is None:
+            log(f"{url}: {scan.num_samples} samples")
+        else:
+            log(f"{url}: TRUNCATED, {scan.num_samples} complete samples readable: {scan.truncated}")
     manifest = Manifest(split=split, shards=shards, classes=list(classes),
                         image_ext=sorted(exts)[0] if exts else "jpg")
+    cut = manifest.truncated_shards()
+    if cut and strict:
+        raise ManifestError(f"{len(cut)} of {len(shards)} shards truncated, no manifest written (--strict): "
+                            + "; ".join(f"{s.url}: {s.truncated}" for s in cut))
     manifest.location = manifest.save(out_url)
+    if cut:
+        log(f"{split}: {len(cut)} of {len(shards)} shards truncated ({', '.join(s.url for s in cut)}); the manifest "
+            f"records them and only their complete samples are read ({manifest.num_samples} in all)")
     return manifest

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .decode import to_rgb
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                   "Ankle boot"]
@@ -74,14 +76,14 @@ class ImageFolderSource:
             with Image.open(io.BytesIO(data)) as im:
                 fmt = (im.format or "").lower()
                 im.load()  # full decode: catches truncated files, not only bad headers
+                if fmt in ("jpeg", "png", "webp"):
+                    ext, payload = ("jpg" if fmt == "jpeg" else fmt), data  # keep the original bytes
+                else:  # re-encode exotic formats once, as 8-bit RGB PNG (to_rgb: what training would do)
+                    buf = io.BytesIO()
+                    to_rgb(im).save(buf, format="PNG")
+                    ext, payload = "png", buf.getvalue()
         except Exception:
             return None
-        if fmt in ("jpeg", "png", "webp"):
-            ext, payload = ("jpg" if fmt == "jpeg" else fmt), data  # keep the original bytes
-        else:  # re-encode exotic formats once, losslessly
-            buf = io.BytesIO()
-            im.convert("RGB").save(buf, format="PNG")
-            ext, payload = "png", buf.getvalue()
         return {"__key__": item.key, ext: payload, "cls": str(item.label).encode()}
 
 

@@ -12,42 +12,21 @@ import logging
 import posixpath
 import random
 import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .bad_samples import label_if_any, parse_label
+from .config import StreamConfig
+from .decode import open_image
 from .plan import EpochPlan, Phase, Segment, consumed_per_worker
-from .tar_io import ReadRetry, read_segment
-from .transforms import TrainTransform, TransformConfig, open_image
+from .tar_io import read_segment
+from .transforms import TrainTransform
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
-
-
-@dataclass
-class StreamConfig:
-    """Where the training shards are and how they are streamed."""
-
-    train: str = ""
-    """Manifest of the training split: a ``manifest.json`` URL or the folder holding it (any fsspec URL)."""
-    val: str = ""
-    """Manifest of the held-out split (used by evaluation stages)."""
-    shuffle: bool = True
-    shuffle_buffer: int = 1000
-    """Samples are permuted within windows of this many consecutive samples of a worker's share."""
-    num_workers: int = 2
-    transform: TransformConfig = field(default_factory=TransformConfig)
-    read: ReadRetry = field(default_factory=ReadRetry)
-    repeats: int = 1
-    """Repeated augmentation (DeiT): each sample is delivered this many times per epoch, each copy with its
-    own augmentation, the copies next to each other in the worker's stream before the window shuffle (so
-    within one or two shuffle windows). An epoch is then ``repeats`` times as many batches."""
-
-    def __post_init__(self) -> None:
-        if self.repeats < 1:
-            raise ValueError(f"repeats {self.repeats} must be >= 1")
 
 
 def image_bytes(sample: dict[str, Any]) -> bytes:
@@ -67,12 +46,20 @@ def _one_thread(_: int) -> None:
 
 
 class ShardStream(IterableDataset):
-    """Yields whole batches {"image" [b,3,H,W], "label" [b], "key" list[str], "skipped" int}."""
+    """Yields whole batches {"image" [b,3,H,W], "label" [b], "key" list[str], "skipped" int, "bad" list of
+    (key, reason)}: b is the batch size less the bad samples, which are named in "bad" and counted in
+    "skipped".
 
-    def __init__(self, urls: list[str], sizes: list[int], cfg: StreamConfig, batch_size: int, seed: int):
+    ``labelled``: the task learns from labels, so a sample without a usable one (``.cls`` missing, not an
+    integer, or outside [0, ``num_classes``) when that is given) is bad. Otherwise labels are passed along
+    when they parse (else -1) and never make a sample bad."""
+
+    def __init__(self, urls: list[str], sizes: list[int], cfg: StreamConfig, batch_size: int, seed: int,
+                 labelled: bool = False, num_classes: int | None = None):
         super().__init__()
         self.urls, self.sizes, self.cfg = urls, sizes, cfg
         self.batch_size, self.seed = batch_size, seed
+        self.labelled, self.num_classes = labelled, num_classes
         self.transform = TrainTransform(cfg.transform)
         # Set by StreamLoader before each pass.
         self.epoch, self.rank, self.world_size, self.consumed = 0, 0, 1, 0
@@ -105,9 +92,10 @@ class ShardStream(IterableDataset):
                     yield self._collate(batch)
                     batch = []
 
-    def _read(self, segments: list[Segment], skip: int) -> Iterator[tuple[dict[str, Any] | None, int]]:
-        """(raw sample, copy index) for each position of the segments, from position ``skip`` on; the sample
-        is None when unreadable. A sample is read once for all its copies in a segment."""
+    def _read(self, segments: list[Segment], skip: int) -> Iterator[tuple[dict[str, Any] | None, int, str]]:
+        """(raw sample, copy index, where) for each position of the segments, from position ``skip`` on; the
+        sample is None when unreadable, ``where`` names it then ("<shard>/#<index in the shard>"). A sample is
+        read once for all its copies in a segment."""
         k = self.cfg.repeats
         for seg in segments:
             if skip >= len(seg):
@@ -116,33 +104,44 @@ class ShardStream(IterableDataset):
             first, stop = seg.start + skip, seg.stop  # positions (copies) within the shard
             raw_first, raw_stop = first // k, (stop - 1) // k + 1
             samples = read_segment(self.urls[seg.shard], raw_first, raw_stop - raw_first, self.cfg.read)
+            shard = posixpath.basename(self.urls[seg.shard]).rsplit(".tar", 1)[0]
             for j, sample in enumerate(samples, start=raw_first):
                 for copy in range(max(first - j * k, 0), min(stop - j * k, k)):
-                    yield sample, copy
+                    yield sample, copy, f"{shard}/#{j}"
             skip = 0
 
-    def _decode(self, item: tuple[dict[str, Any] | None, int], epoch: int) -> tuple[str, Any]:
-        sample, copy = item
-        if sample is None:
-            return "", None
+    def _decode(self, item: tuple[dict[str, Any] | None, int, str], epoch: int
+                ) -> tuple[str, tuple[torch.Tensor, int] | str]:
+        """(key, (image [3, H, W], label)), or (key, reason) for a bad sample."""
+        sample, copy, where = item
+        if sample is None:  # read_segment has warned about the shard
+            return where, "unreadable: its shard failed or ended before it"
         shard = posixpath.basename(sample["__url__"]).rsplit(".tar", 1)[0]
         key = f"{shard}/{sample['__key__']}"
         seed = f"{self.seed}/{epoch}/{key}" + (f"/{copy}" if copy else "")  # each copy its own augmentation
+        try:  # the label first: an unlabelled sample of a labelled task is not worth decoding
+            label = parse_label(sample, self.num_classes) if self.labelled else label_if_any(sample)
+        except ValueError as err:
+            log.warning("skipping sample %s: %s", key, err)
+            return key, str(err)
         try:
             img = open_image(image_bytes(sample))
-            label = int(sample["cls"]) if "cls" in sample else -1
             x = self.transform(img, random.Random(seed))
+        except StopIteration:
+            log.warning("skipping sample %s: no image (none of %s)", key, ", ".join(IMAGE_KEYS))
+            return key, f"no image (none of {', '.join(IMAGE_KEYS)})"
         except Exception as err:
             log.warning("skipping corrupt sample %s: %s", key, err)
-            return key, None
+            return key, f"corrupt image: {err}"
         return key, (x, label)
 
-    def _collate(self, batch: list[tuple[str, Any]]) -> dict[str, Any]:
-        good = [(key, item) for key, item in batch if item is not None]
+    def _collate(self, batch: list[tuple[str, tuple[torch.Tensor, int] | str]]) -> dict[str, Any]:
+        good = [(key, item) for key, item in batch if not isinstance(item, str)]
+        bad = [(key, item) for key, item in batch if isinstance(item, str)]
         h, w = self.cfg.transform.image_size
         images = torch.stack([x for _, (x, _) in good]) if good else torch.empty(0, 3, h, w)
         return {"image": images, "label": torch.tensor([y for _, (_, y) in good], dtype=torch.long),
-                "key": [key for key, _ in good], "skipped": len(batch) - len(good)}
+                "key": [key for key, _ in good], "skipped": len(bad), "bad": bad}
 
 
 class StreamLoader:

@@ -5,41 +5,15 @@ same sample gets the same crop in an uninterrupted and a resumed run, whichever 
 """
 from __future__ import annotations
 
-import io
 import math
 import random
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class TransformConfig:
-    """Training augmentation: RandomResizedCrop + horizontal flip (MAE), optionally RandAugment and random
-    erasing (DeiT: ``rand_augment: rand-m9-mstd0.5-inc1``, ``random_erase: 0.25``, ``crop_scale: [0.08, 1]``),
-    then normalisation."""
-
-    image_size: tuple[int, int] = (224, 224)
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: bool = True
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    rand_augment: str | None = None
-    """timm's RandAugment spec (e.g. ``rand-m9-mstd0.5-inc1``), applied after crop and flip; None: off."""
-    random_erase: float = 0.0
-    """Chance of erasing one rectangle (2-33 % of the image, aspect 0.3-3.3) with per-pixel normal noise."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.random_erase <= 1.0:
-            raise ValueError(f"random_erase {self.random_erase} is not a probability")
-        if self.rand_augment is not None:
-            rand_augment(self.rand_augment, self.mean)  # a malformed spec fails when the recipe loads
+from .config import TransformConfig
+from .decode import to_rgb
 
 
 def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -63,18 +37,6 @@ def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[f
     else:
         w, h = width, height
     return (width - w) // 2, (height - h) // 2, w, h
-
-
-def open_image(data: bytes) -> Image.Image:
-    """Bytes -> PIL image with only its header read; pixels are decoded by the transform."""
-    return Image.open(io.BytesIO(data))
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Bytes -> RGB PIL image (grey or palette images are converted); raises on corrupt data."""
-    img = open_image(data)
-    img.load()
-    return img.convert("RGB") if img.mode != "RGB" else img
 
 
 class Normalise:
@@ -138,8 +100,7 @@ class TrainTransform:
             img.draft("RGB", (math.ceil(img.width * out_w / w), math.ceil(img.height * out_h / h)))
             f = img.width / full_w  # the decoded scale; the box follows it
             left, top, w, h = left * f, top * f, w * f, h * f
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        img = to_rgb(img)
         img = img.resize((out_w, out_h), Image.BICUBIC, box=(left, top, left + w, top + h))
         if cfg.hflip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)

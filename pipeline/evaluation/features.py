@@ -14,10 +14,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..console import Progress
+from ..data.config import ReadRetry
+from ..data.decode import decode_image
 from ..data.manifest import load_manifest
 from ..data.stream import image_bytes
-from ..data.tar_io import ReadRetry, read_segment
-from ..data.transforms import Normalise, decode_image
+from ..data.tar_io import read_segment
+from ..data.transforms import Normalise
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +107,10 @@ def extract(embed: Callable[[torch.Tensor], torch.Tensor], split: LabelledSplit,
     """Run ``embed`` ([b, 3, H, W] -> [b, D]) over the split; returns features and labels in read order."""
     loader = DataLoader(split, batch_size=None, num_workers=min(num_workers, len(split.segments)))
     feats, labels, skipped = [], [], 0
+    progress = Progress(f"features of {split.location}", split.num_samples, "images")
     for batch in loader:
         skipped += batch["skipped"]
+        progress.update(len(batch["label"]) + batch["skipped"])
         if len(batch["label"]):
             feats.append(embed(batch["image"]).float())
             labels.append(batch["label"])

@@ -1,4 +1,5 @@
-"""What every training task logs the same way: loss, learning rate, throughput, skipped samples."""
+"""What every training task logs the same way: loss, learning rate, throughput, skipped samples; and the
+collective check that stops a run delivering too many bad samples."""
 from __future__ import annotations
 
 import hashlib
@@ -9,6 +10,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from ..data.bad_samples import BadSampleTally, judge_bad_samples, too_many_bad
 
 
 def sample_seed(seed: int, epoch: int, key: str) -> int:
@@ -34,6 +38,8 @@ class StreamTask(L.LightningModule):
         super().__init__()
         self._t_last: float | None = None
         self._last_loss: torch.Tensor | None = None  # kept on the device: no host sync per step
+        self._bad = BadSampleTally()
+        self._batches = 0  # training batches this process has seen: equal on every rank
 
     @property
     def last_loss(self) -> float | None:
@@ -63,3 +69,27 @@ class StreamTask(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
         self.log("data/skipped_samples", float(batch.get("skipped", 0)), reduce_fx="sum", sync_dist=True,
                  on_step=False, on_epoch=True, batch_size=1)
+        self._bad.add(batch)
+        self._batches += 1
+        # The last batch of each logging step: the same batch on every rank, and a step that syncs anyway.
+        if self._batches % (self.trainer.log_every_n_steps * self.trainer.accumulate_grad_batches) == 0:
+            self.check_bad_samples()
+
+    def on_train_epoch_end(self) -> None:
+        self.check_bad_samples()
+
+    def check_bad_samples(self) -> None:
+        """Stop the run when more than ``data.max_bad_fraction`` of the samples delivered so far, over all
+        ranks, were bad. A collective: every rank calls it at the same batch, sums the counts of all, and so
+        reaches the same verdict; a rank raising alone would leave the others waiting in the next collective."""
+        cfg = getattr(getattr(self.trainer, "datamodule", None), "cfg", None)
+        if cfg is None or not hasattr(cfg, "max_bad_fraction"):  # not our shard stream: nothing to judge
+            return
+        counts = torch.tensor([self._bad.bad, self._bad.seen], dtype=torch.long, device=self.device)  # [2]
+        bad, seen = (int(v) for v in self.trainer.strategy.reduce(counts, reduce_op="sum").tolist())
+        examples = self._bad.examples
+        if too_many_bad(bad, seen, cfg) and dist.is_available() and dist.is_initialized():
+            gathered: list[list[tuple[str, str]] | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, examples)  # every rank's first bad keys, to name them
+            examples = [e for rank in gathered for e in (rank or [])][: self._bad.keep]
+        judge_bad_samples(bad, seen, examples, cfg)
