@@ -48,11 +48,14 @@ class MlflowServer:
     """One ``mlflow server`` process group; ``start``/``stop`` may be repeated, always on the same port."""
 
     def __init__(self, root: str | Path, port: int | None = None, start_timeout_s: float = 90.0,
-                 artifacts: str | None = None, env: dict[str, str] | None = None):
+                 artifacts: str | None = None, env: dict[str, str] | None = None, app_name: str | None = None):
         """``artifacts``: where the server stores artifacts (default a folder under root; e.g. ``s3://b/p``,
-        with the store's credentials in ``env``, added to the server's environment)."""
+        with the store's credentials in ``env``, added to the server's environment). ``app_name``: an MLflow
+        server app, e.g. ``basic-auth`` (users in ``root/basic_auth.db``; the admin's password from
+        ``MLFLOW_AUTH_ADMIN_PASSWORD`` in ``env``)."""
         self.root = Path(root)
         self.artifacts, self.extra_env = artifacts or str(self.root / "artifacts"), env or {}
+        self.app_name = app_name
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.uri = f"http://{HOST}:{self.port}"
@@ -70,7 +73,8 @@ class MlflowServer:
         cmd = [*_mlflow_command(), "server",
                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                "--artifacts-destination", self.artifacts, "--serve-artifacts",
-               "--host", HOST, "--port", str(self.port), "--workers", "1"]
+               "--host", HOST, "--port", str(self.port), "--workers", "1",
+               *(["--app-name", self.app_name] if self.app_name else [])]
         env = {**os.environ, **self.extra_env}
         env.pop("MLFLOW_TRACKING_URI", None)
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no huey job-runner process beside the server

@@ -14,11 +14,13 @@ from mlflow import MlflowClient
 from conftest import PYTHON, tiny_overrides
 from mlflow_server import mlflow_server  # noqa: F401  (fixture)
 from pipeline.checkpoint import export_checkpoint
+from pipeline.config import ConfigError
 from pipeline.checkpoint.export import load_encoder
 from pipeline.evaluation import LinearProbeConfig
 from pipeline.recipe import load_recipe
 from pipeline.registry import ModelError, load_model_encoder, register_export, resolve_model
-from pipeline.stages.evaluate import EvalConfig, evaluate_model
+from pipeline.evaluation.config import EvalConfig
+from pipeline.stages.evaluate import evaluate_model
 from pipeline.stages.pretrain import pretrain
 from pipeline.tracking import TrackingConfig
 
@@ -33,8 +35,11 @@ def eval_config(shards: Path) -> EvalConfig:
                       crop_pct=1.0, linear=LinearProbeConfig(epochs=10, batch_size=64))
 
 
-def test_pretrain_register_evaluate_on_a_real_server(mlflow_server, fmnist_shards, tmp_path):
-    # Credentials in the tracking URI reach the server but must never be logged.
+def test_pretrain_register_evaluate_on_a_real_server(mlflow_server, fmnist_shards, tmp_path, monkeypatch):
+    # Credentials in the tracking URI reach the server but must never be logged. They move into MLflow's
+    # variables of this process: removed again after the test.
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
     uri = mlflow_server.uri.replace("http://", "http://alice:s3cr3t-pw@")
     recipe = load_recipe("mae/tiny_fmnist", tiny_overrides(
         fmnist_shards, tmp_path, **{"tracking.uri": uri, "tracking.experiment": "chain",
@@ -161,9 +166,16 @@ def test_registered_files_must_match_the_version_tags(store, fmnist_shards, tmp_
 
 
 def test_cli_evaluate_unknown_model_exits_with_its_name(fmnist_shards, tmp_path, child_env):
+    MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").search_experiments()  # a store without that model
     out = subprocess.run([PYTHON, "-m", "pipeline.cli", "evaluate", "--model", "models:/ghost@prod",
                           "--train", str(fmnist_shards / "train"), "--val", str(fmnist_shards / "val"),
                           "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
                          capture_output=True, text=True, env=child_env, timeout=300)
     assert out.returncode == 2
     assert "models:/ghost@prod: no registered model named 'ghost'" in out.stderr
+
+    # a store that does not exist is named as such (and not created)
+    with pytest.raises(ConfigError, match=f"no MLflow store at {tmp_path / 'none.db'}"):
+        evaluate_model("models:/ghost@prod", eval_config(fmnist_shards),
+                       TrackingConfig(uri=f"sqlite:///{tmp_path / 'none.db'}"))
+    assert not (tmp_path / "none.db").exists()

@@ -14,7 +14,7 @@ from ..config import build
 from ..registry import register_export
 from ..tracking import TrackingConfig, resolve_uri
 from ..tracking.secrets import scrub_url
-
+from ..tracking.stores import require_store
 
 
 def register_checkpoint(checkpoint: str | Path, name: str, alias: str = "candidate",
@@ -30,7 +30,11 @@ def register_checkpoint(checkpoint: str | Path, name: str, alias: str = "candida
     run_id = json.loads(run_file.read_text())["run_id"]
     if tracking_uri is None:
         recipe = yaml.safe_load((step / CONFIG).read_text())
-        tracking_uri = resolve_uri(build(TrackingConfig, recipe.get("tracking"), "tracking"))
+        tracking = build(TrackingConfig, recipe.get("tracking"), "tracking")
+        tracking_uri = resolve_uri(tracking, where=f"{step / CONFIG}: tracking.uri", create=False)
+    else:  # credentials in the given URI are taken like a recipe's, and never printed
+        tracking_uri = resolve_uri(TrackingConfig(uri=tracking_uri), where="--tracking-uri", create=False)
+    require_store(tracking_uri)  # the store holding the run that wrote the checkpoints
     export_dir = step.parent / "exports" / step.name
     if not (export_dir / "metadata.json").is_file():
         export_checkpoint(step, export_dir)

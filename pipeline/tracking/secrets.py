@@ -47,8 +47,21 @@ def scrub_url(text: str) -> str:
         return text
     if parts.password is None:
         return text
-    netloc = f"{parts.username}:{REDACTED}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    userinfo, _, host = parts.netloc.rpartition("@")  # the host as written (case, IPv6 brackets, port)
+    return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:{REDACTED}@{host}"))
+
+
+def without_userinfo(text: str) -> str:
+    """``https://user:pw@host/x`` (or ``user:***@``, or ``user@``) -> ``https://host/x``; other text is kept."""
+    if "://" not in text or "@" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return text
+    if parts.username is None and parts.password is None:
+        return text
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 URL_PASSWORD = re.compile(r"(://[^/\s:@]+:)[^@\s/]+@")
