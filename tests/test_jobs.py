@@ -19,6 +19,7 @@ from conftest import REPO
 from pipeline.config import ConfigError
 from pipeline.jobs.k8s import RDZV_PORT, RECIPE_FILE
 from pipeline.jobs.profile import load_profile
+from pipeline.recipe import load_recipe
 from pipeline.stages.submit import SubmitRequest, render, submit
 
 PROFILE = str(REPO / "tests" / "data" / "cluster_local.yaml")
@@ -38,8 +39,11 @@ def test_sbatch_checkpoints_before_the_limit_and_parses():
                  "#SBATCH --signal=USR1@120", "#SBATCH --requeue", "#SBATCH --output=logs/slurm/%x-%j.out",
                  "#SBATCH --open-mode=append", "#SBATCH --partition=debug", "export OMP_NUM_THREADS=1"):
         assert line in text.splitlines()
-    assert text.rstrip().endswith("srun --kill-on-bad-exit=1 vitpipe pretrain --config mae/tiny_fmnist --resume auto")
-    assert "--gpus-per-node" not in sbatch(2, 0, cpu_tasks=2)
+    assert text.rstrip().endswith("srun --kill-on-bad-exit=1 vitpipe pretrain --config mae/tiny_fmnist --resume auto "
+                                  "--trainer.num_nodes=2 --trainer.devices=8 --trainer.accelerator=gpu")
+    cpu = sbatch(2, 0, cpu_tasks=2)
+    assert "--gpus-per-node" not in cpu
+    assert cpu.rstrip().endswith("--trainer.num_nodes=2 --trainer.devices=2 --trainer.accelerator=cpu")
     script = Path(os.environ.get("TMPDIR", "/tmp")) / f"vitpipe-check-{os.getpid()}.sh"
     try:  # the shell parses it
         script.write_text(text)
@@ -65,6 +69,47 @@ def test_chain_waits_for_each_stage_and_passes_overrides_verbatim(capsys):
     assert "--ntasks-per-node=1" in register and "#SBATCH --signal" not in register
     assert "#SBATCH --requeue" not in evaluate and "#SBATCH --gpus-per-node=1" in evaluate  # features on a GPU
     assert "--gpus-per-node" not in register
+
+
+def test_the_recipe_agrees_with_the_jobs_layout():
+    """The recipe says 8 nodes x 8 GPUs; the job asks for 2 nodes x 8 GPUs, or 2 nodes x 3 CPU processes."""
+    def recipe_in(gpus: int, cpu_tasks: int = 1, **overrides) -> dict:
+        req = SubmitRequest("k8s", "mae/vit_large16", nodes=2, gpus_per_node=gpus, cpu_tasks_per_node=cpu_tasks,
+                            cluster=PROFILE, overrides=overrides)
+        config_map = next(yaml.safe_load_all(render(req, load_profile(PROFILE))[0]))
+        return yaml.safe_load(config_map["data"][RECIPE_FILE])["trainer"]
+
+    assert {k: recipe_in(8)[k] for k in ("num_nodes", "devices", "accelerator")} == \
+        {"num_nodes": 2, "devices": 8, "accelerator": "gpu"}
+    assert {k: recipe_in(0, 3)[k] for k in ("num_nodes", "devices", "accelerator")} == \
+        {"num_nodes": 2, "devices": 3, "accelerator": "cpu"}
+    assert recipe_in(8, **{"trainer.devices": "8"})["devices"] == 8  # agreeing with the job is fine
+    with pytest.raises(ConfigError, match=r"--trainer.devices=4 disagrees with the job's layout \(--nodes 2 "
+                                          r"--gpus-per-node 8\)"):
+        recipe_in(8, **{"trainer.devices": "4"})
+    # register and evaluate are one process whatever the training layout: their recipe is left as it is
+    req = SubmitRequest("k8s", "mae/vit_large16", stage="register", nodes=2, gpus_per_node=8, cluster=PROFILE,
+                        overrides={"register.name": "mae-l"})
+    config_map = next(yaml.safe_load_all(render(req, load_profile(PROFILE))[0]))
+    assert yaml.safe_load(config_map["data"][RECIPE_FILE])["trainer"]["num_nodes"] == 8
+
+
+def test_dry_run_prints_only_the_job_and_names_the_profile_on_stderr(capsys):
+    submit(SubmitRequest("k8s", "mae/tiny_fmnist", nodes=2, gpus_per_node=8), dry_run=True)
+    out, err = capsys.readouterr()
+    config_map, job = yaml.safe_load_all(out)  # the manifest, nothing else
+    assert config_map["kind"] == "ConfigMap" and job["kind"] == "PyTorchJob"
+    # the recipe is a literal block, readable as the file the pods get
+    assert f"  {RECIPE_FILE}: |\n    name: tiny_fmnist\n" in out
+    assert config_map["data"][RECIPE_FILE] == load_recipe("mae/tiny_fmnist", {
+        "trainer.num_nodes": "2", "trainer.devices": "8", "trainer.accelerator": "gpu"}).to_yaml()
+    example = REPO / "jobs" / "clusters" / "example.yaml"
+    assert f"cluster profile: {example}, an example" in err
+    assert f"as {example.parent}/<name>.yaml and pass --cluster <name>, or pass --cluster FILE" in err
+
+    submit(SubmitRequest("slurm", "mae/tiny_fmnist", cluster=PROFILE), dry_run=True)
+    out, err = capsys.readouterr()
+    assert out.startswith("#!/usr/bin/env bash") and err.strip() == f"cluster profile: {PROFILE}"
 
 
 @pytest.mark.parametrize("profile_text, problem", [

@@ -18,6 +18,23 @@ RECIPE_FILE = "recipe.yaml"
 RDZV_PORT = 29400
 
 
+class _ManifestDumper(yaml.SafeDumper):
+    """Multi-line strings (the recipe in the ConfigMap) as literal blocks: the manifest shows the recipe as the
+    file the pods read, not as one escaped line."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_ManifestDumper.add_representer(str, _str)
+
+
+def dump_manifests(docs: list[dict[str, Any]]) -> str:
+    """A multi-document manifest for ``kubectl apply -f -``."""
+    return yaml.dump_all(docs, Dumper=_ManifestDumper, sort_keys=False)
+
+
 def _skeleton(name: str) -> dict[str, Any]:
     return yaml.safe_load((bundled("jobs") / "k8s" / name).read_text())
 

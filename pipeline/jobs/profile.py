@@ -105,6 +105,16 @@ def find_profile(name_or_path: str) -> Path:
     raise FileNotFoundError(f"cluster profile {name_or_path!r} is neither a file nor one of jobs/clusters/ ({known})")
 
 
+def profile_note(path: Path) -> str:
+    """Which profile a job is rendered with; for the bundled example, where the user's own goes instead."""
+    folder = bundled("jobs") / "clusters"
+    if path.resolve() != (folder / "example.yaml").resolve():
+        return f"cluster profile: {path}"
+    return (f"cluster profile: {path}, an example whose partition, account, image and Secret are placeholders. "
+            f"Write your cluster's as {folder}/<name>.yaml and pass --cluster <name>, or pass --cluster FILE "
+            "with a profile file anywhere (start from a copy of the example)")
+
+
 def load_profile(name_or_path: str) -> ClusterProfile:
     path = find_profile(name_or_path)
     raw = read_mapping(path, "a cluster profile is a mapping with slurm: and/or kubernetes: sections")

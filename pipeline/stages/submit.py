@@ -10,14 +10,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from ..config import ConfigError
-from ..jobs.k8s import RECIPE_FILE, render_k8s
-from ..jobs.profile import ClusterProfile, load_profile
+from ..jobs.k8s import RECIPE_FILE, dump_manifests, render_k8s
+from ..jobs.profile import ClusterProfile, find_profile, load_profile, profile_note
 from ..jobs.slurm import render_sbatch
 from ..jobs.spec import JobSpec
 from ..recipe import RunRecipe, load_recipe
+from ..tracking.credentials import take_credentials
 
 TRAINING = ("pretrain", "finetune")
 Stage = Literal["pretrain", "finetune", "register", "evaluate"]
@@ -35,6 +34,24 @@ class SubmitRequest:
     cluster: str = "example"
     job_name: str | None = None
     after: list[str] = field(default_factory=list)
+
+
+def layout_overrides(req: SubmitRequest) -> dict[str, str]:
+    """The recipe's process layout as the training job's. Under srun or torchrun the launcher's layout runs
+    whatever the recipe says (distributed.environment), but the recipe must still agree: it is what the ConfigMap,
+    the checkpoints' config.yaml and the run's params show, and its accelerator must be the devices the job has."""
+    layout = {"trainer.num_nodes": str(req.nodes),
+              "trainer.devices": str(req.gpus_per_node or req.cpu_tasks_per_node),
+              "trainer.accelerator": "gpu" if req.gpus_per_node else "cpu"}
+    clash = [f"--{k}={req.overrides[k]}" for k, v in layout.items()
+             if k in req.overrides and str(req.overrides[k]) != v]
+    if clash:
+        asked = (f"--gpus-per-node {req.gpus_per_node}" if req.gpus_per_node else
+                 f"--gpus-per-node 0 --cpu-tasks-per-node {req.cpu_tasks_per_node}")
+        raise ConfigError(f"{' '.join(clash)} disagrees with the job's layout (--nodes {req.nodes} {asked}), which "
+                          "sets trainer.num_nodes, trainer.devices and trainer.accelerator: drop the override or "
+                          "change the job's options")
+    return layout
 
 
 def stage_args(stage: str, config: str, overrides: dict[str, str], recipe: RunRecipe) -> list[str]:
@@ -69,23 +86,28 @@ def render(req: SubmitRequest, profile: ClusterProfile, stage: str | None = None
     """The job file of ``stage`` (default: the request's), an sbatch script or a multi-document manifest,
     and the job it describes."""
     stage = stage or req.stage
-    recipe = load_recipe(req.config, req.overrides)
+    overrides = {**req.overrides, **(layout_overrides(req) if stage in TRAINING else {})}
+    recipe = load_recipe(req.config, overrides)
+    if "tracking.uri" in overrides:  # job files carry the URI as the recipe keeps it: without its password
+        overrides["tracking.uri"] = take_credentials(overrides["tracking.uri"])
     if req.target == "slurm":
         if profile.slurm is None:
             raise ConfigError(f"cluster profile {profile.name!r} has no slurm: section")
-        spec = job_spec(req, stage, recipe, req.config, req.overrides, after or req.after)
+        spec = job_spec(req, stage, recipe, req.config, overrides, after or req.after)
         return render_sbatch(spec, profile.slurm, profile.name), spec
     if profile.kubernetes is None:
         raise ConfigError(f"cluster profile {profile.name!r} has no kubernetes: section")
     # The pods read the resolved recipe (overrides applied) from a ConfigMap mounted in their working folder.
     spec = job_spec(req, stage, recipe, RECIPE_FILE, {}, [])
-    return yaml.safe_dump_all(render_k8s(spec, profile.kubernetes, recipe.to_yaml()), sort_keys=False), spec
+    return dump_manifests(render_k8s(spec, profile.kubernetes, recipe.to_yaml())), spec
 
 
 def submit(req: SubmitRequest, dry_run: bool = False, chain: bool = False) -> list[str]:
     """Render and submit ``req`` (with ``chain``: pretrain -> register -> evaluate, each after the one before,
-    on Slurm); returns the Slurm job ids or the applied Kubernetes objects."""
+    on Slurm); returns the Slurm job ids or the applied Kubernetes objects. Only the job files go to stdout with
+    ``dry_run``, so it can be redirected to a file; notes go to stderr."""
     profile = load_profile(req.cluster)
+    print(profile_note(find_profile(req.cluster)), file=sys.stderr)
     stages = [req.stage, "register", "evaluate"] if chain else [req.stage]
     if chain and (req.target != "slurm" or req.stage != "pretrain"):
         raise ConfigError("--chain submits pretrain -> register -> evaluate as dependent Slurm jobs")
