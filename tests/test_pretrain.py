@@ -22,10 +22,20 @@ def _flags(overrides: dict[str, str]) -> list[str]:
 
 def test_pretrain_cli_checkpoints_and_tracks(fmnist_shards, tmp_path, child_env):
     o = tiny_overrides(fmnist_shards, tmp_path, **{"trainer.max_steps": 12, "checkpoint.every_n_steps": 2,
-                                                   "checkpoint.keep_last": 2, "checkpoint.keep_every_n_steps": 4})
+                                                   "checkpoint.keep_last": 2, "checkpoint.keep_every_n_steps": 4,
+                                                   "trainer.log_every_n_steps": 4})
     out = _cli(["pretrain", "--config", "mae/tiny_fmnist", *_flags(o)], child_env)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "MLflow run" in out.stdout and "mlflow ui --backend-store-uri sqlite:///" in out.stdout
+    assert "MLflow run" in out.stdout and "vitpipe ui --tracking-uri sqlite:///" in out.stdout
+
+    # Not a terminal (a log file): one progress line per logging step, no bar's carriage returns, none of the
+    # start-up chatter of Lightning or MLflow.
+    lines = [line for line in out.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(",")[0] for line in lines] == [f"step {s}/12 ({s / 12:.0%})" for s in (4, 8, 12)]
+    assert all("loss " in line and " img/s" in line and "ETA" in line for line in lines)
+    assert "\r" not in out.stdout + out.stderr
+    for noise in ("srun", "litlogger", "LeafSpec", "weights_only", "GPU available", "Creating initial MLflow"):
+        assert noise not in out.stdout + out.stderr, noise
 
     # retention: newest 2 (10, 12) plus every 4th (4, 8); each complete with its resolved recipe
     ckpt = tmp_path / "ckpt"

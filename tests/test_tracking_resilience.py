@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import tiny_overrides
 from mlflow_server import mlflow_server  # noqa: F401 - the fixture
-from pipeline.tracking import TrackingConfig, make_logger, ui_command
+from pipeline.stages.ui import browse_command
+from pipeline.tracking import TrackingConfig, make_logger
 from pipeline.tracking.mlflow_setup import ResilientMLFlowLogger, tracking_failures
 from pipeline.tracking.resilient import TRAINING_HTTP_DEFAULTS, ResilientClient, http_defaults
 
@@ -165,7 +166,7 @@ def test_logs_to_a_real_server(mlflow_server, tmp_path):
     assert [a.path for a in client.list_artifacts(logger.run_id, "reconstructions")] == ["reconstructions/grid.png"]
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server, stored under its root
     assert list((mlflow_server.root / "artifacts").rglob("grid.png"))
-    assert ui_command(mlflow_server.uri) == mlflow_server.uri  # the server serves the UI itself
+    assert browse_command(mlflow_server.uri) == mlflow_server.uri  # the server serves the UI itself
 
 
 def test_server_down_costs_counts_not_time_and_logging_recovers(mlflow_server, tmp_path, caplog):

@@ -52,7 +52,8 @@ class CommittedCheckpoint(L.Callback):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         trainer.strategy.barrier("checkpoint-begin")
-        trainer.save_checkpoint(tmp / STATE)  # every rank takes part (sharded strategies write per rank)
+        # full state (optimizer, loops, callbacks); every rank takes part (sharded strategies write per rank)
+        trainer.save_checkpoint(tmp / STATE, weights_only=False)
         trainer.strategy.barrier("checkpoint-written")
         if self._owner:
             if self.write_extras is not None:

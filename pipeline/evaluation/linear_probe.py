@@ -15,34 +15,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-
-@dataclass
-class LinearProbeConfig:
-    """Optimisation of the linear head; defaults train to convergence on ~1e4 cached features in seconds."""
-
-    epochs: int = 100
-    """Passes over the cached training features (MAE: 90 on ImageNet; cheap here, so a few more)."""
-    batch_size: int = 256
-    """Features per step; the incomplete last batch of an epoch is dropped, as in MAE's loader."""
-    base_lr: float = 0.1
-    """MAE's linear-probe base lr; the actual lr is ``base_lr * batch / 256`` (linear scaling rule)."""
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    """MAE uses none: a linear head on a fixed representation has little capacity to overfit."""
-    warmup_epochs: int = 5
-    """Linear warm-up from 0, then a half-cycle cosine to 0, updated every step."""
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 2:  # BatchNorm in train mode needs two rows to estimate a variance
-            raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
-        for name in ("base_lr", "momentum", "weight_decay", "warmup_epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+from ..console import Progress
+from .config import LinearProbeConfig
 
 
 @dataclass
@@ -109,7 +86,8 @@ def train_linear_probe(
     peak = cfg.base_lr * batch / 256
     opt = torch.optim.SGD(head.parameters(), lr=peak, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     head.train()
-    for epoch in range(cfg.epochs):
+    progress = Progress(f"linear probe on {n:,} x {dim} features", cfg.epochs, "epochs")
+    for epoch in progress.wrap(range(cfg.epochs)):
         perm = torch.randperm(n, generator=gen)[:steps_per_epoch * batch].view(steps_per_epoch, batch)
         for b, ids in enumerate(perm):  # ids: [B]
             step = epoch * steps_per_epoch + b

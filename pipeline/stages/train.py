@@ -30,10 +30,12 @@ from ..distributed import build_strategy, cluster_environment, derive_batch, res
 from ..recipe import RunRecipe
 from ..registry.lineage import MANIFEST, MANIFEST_HASH, RECIPE_HASH, code_version
 from ..tasks import Schedule
-from ..tracking import make_logger, resolve_uri, ui_command
+from ..tracking import make_logger, resolve_uri
 from ..tracking.callbacks import SampleTrace, SystemMetrics
 from ..tracking.mlflow_setup import run_exists, tracking_failures
-from ..tracking.secrets import scrub, scrub_url
+from ..tracking.progress import progress_callbacks
+from ..tracking.secrets import scrub, scrub_url, without_userinfo
+from .ui import browse_command
 
 log = logging.getLogger(__name__)
 # Our loader plans rank and worker splits itself (data.plan), so Lightning's generic caution does not apply.
@@ -92,7 +94,8 @@ def plan_run(recipe: RunRecipe, resume: str | None) -> RunPlan:
     if ckpt.enabled and ckpt.mirror:  # read-only credentials fail here, not after the first training steps
         probe_write(ckpt.mirror, "writing checkpoints")
     resume_point = find_resume(resume, ckpt)
-    datamodule = ShardDataModule(recipe.data, batch_size=1, seed=recipe.seed)
+    datamodule = ShardDataModule(recipe.data, batch_size=1, seed=recipe.seed, labelled=recipe.labelled,
+                                 num_classes=getattr(recipe.model, "num_classes", None))
     # an epoch delivers every sample `repeats` times (repeated augmentation)
     samples = datamodule.manifest.num_samples * recipe.data.repeats
     schedule, per_device, accumulate = plan_schedule(recipe, samples, world)
@@ -101,7 +104,7 @@ def plan_run(recipe: RunRecipe, resume: str | None) -> RunPlan:
 
 
 def fit(recipe: RunRecipe, plan: RunPlan, task: L.LightningModule, callbacks: Sequence[L.Callback] = (),
-        run_tags: dict[str, str] | None = None,
+        run_tags: dict[str, str] | None = None, run_params: dict[str, str] | None = None,
         on_trained: Callable[[L.Trainer, TrainResult], None] | None = None, stage: str = "train") -> TrainResult:
     """Train ``task`` under ``recipe``; ``on_trained`` runs on global rank 0 after the last checkpoint."""
     tr, ckpt_root = recipe.trainer, Path(recipe.checkpoint.dir)
@@ -133,6 +136,8 @@ def fit(recipe: RunRecipe, plan: RunPlan, task: L.LightningModule, callbacks: Se
     if recipe.tracking.system_metrics_every_n_steps:
         all_callbacks.append(SystemMetrics(recipe.tracking.system_metrics_every_n_steps))
     all_callbacks.extend(callbacks)
+    shown, bar = progress_callbacks(tr.log_every_n_steps)
+    all_callbacks.extend(shown)
     preemption = None
     if recipe.checkpoint.enabled:  # last: a checkpoint holds what every other callback did at that step
         saver = CommittedCheckpoint(recipe.checkpoint, write_extras)
@@ -145,11 +150,11 @@ def fit(recipe: RunRecipe, plan: RunPlan, task: L.LightningModule, callbacks: Se
         max_steps=plan.schedule.total_steps, max_epochs=-1, accumulate_grad_batches=plan.accumulate,
         gradient_clip_val=recipe.optim.grad_clip, logger=logger, callbacks=all_callbacks,
         enable_checkpointing=False, log_every_n_steps=tr.log_every_n_steps, use_distributed_sampler=False,
-        num_sanity_val_steps=0, enable_model_summary=False, deterministic=False,
+        num_sanity_val_steps=0, enable_model_summary=False, deterministic=False, enable_progress_bar=bar,
     )
     if trainer.is_global_zero:
         if previous is None:
-            _start_run(logger, recipe, plan.datamodule, run_tags or {})
+            _start_run(logger, recipe, plan.datamodule, run_tags or {}, run_params or {})
         if recipe.checkpoint.enabled:
             ckpt_root.mkdir(parents=True, exist_ok=True)
             (ckpt_root / CONFIG).write_text(recipe.to_yaml())
@@ -180,16 +185,18 @@ def fit(recipe: RunRecipe, plan: RunPlan, task: L.LightningModule, callbacks: Se
         loss = "n/a" if result.last_loss is None else f"{result.last_loss:.4f}"
         print(f"{stage}: {result.global_step} steps, last loss {loss}; checkpoint {result.checkpoint}")
         print(f"MLflow run {result.run_id} in experiment '{result.experiment}' at {scrub_url(result.tracking_uri)}")
-        print(f"  browse it with: {scrub_url(ui_command(result.tracking_uri))}")
+        print(f"  browse it with: {browse_command(result.tracking_uri)}")
         if result.tracking_failures:
             print(f"{logger.tracking.summary()}; training was not affected")
     return result
 
 
-def _start_run(logger, recipe: RunRecipe, datamodule: ShardDataModule, extra: dict[str, str]) -> None:
-    """Params, recipe artifact and lineage tags of a new run (secrets scrubbed)."""
+def _start_run(logger, recipe: RunRecipe, datamodule: ShardDataModule, extra: dict[str, str],
+               params: dict[str, str]) -> None:
+    """Params (the recipe's and the stage's own), recipe artifact and lineage tags of a new run (secrets
+    scrubbed)."""
     clean = scrub(recipe.to_dict())
-    logger.log_hyperparams(flatten(clean))
+    logger.log_hyperparams({**flatten(clean), **scrub(params)})
     logger.experiment.log_text(logger.run_id, yaml.safe_dump(clean, sort_keys=False), "recipe.yaml")
     tags = {**code_version(), "vitpipe.task": recipe.task, RECIPE_HASH: recipe.digest(),
             MANIFEST: scrub_url(datamodule.manifest.location), MANIFEST_HASH: datamodule.manifest.digest(), **extra}
@@ -207,12 +214,18 @@ def _previous_run(resume: ResumePoint | None, run_file: Path) -> str | None:
     return json.loads(text)["run_id"] if text else None
 
 
+def _comparable(recipe: dict) -> dict:
+    """Flat recipe values without URL userinfo: credentials are no part of a recipe, so a URI written with a
+    password (older checkpoints), with "***" or with none names the same server."""
+    return {k: without_userinfo(v) if isinstance(v, str) else v for k, v in flatten(recipe).items()}
+
+
 def _warn_changed_config(checkpoint: Path, recipe: RunRecipe) -> None:
     saved_file = checkpoint / CONFIG
     if not saved_file.exists():
         return
-    saved = flatten(yaml.safe_load(saved_file.read_text()))
-    now = flatten(recipe.to_dict())
+    saved = _comparable(yaml.safe_load(saved_file.read_text()))
+    now = _comparable(recipe.to_dict())
     changed = sorted(k for k, v in now.items() if saved.get(k) != v) + sorted(set(saved) - set(now))
     if changed:
         log.warning("recipe differs from the checkpoint's in: %s", ", ".join(changed))
