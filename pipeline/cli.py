@@ -2,15 +2,26 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
 from .config import ConfigError
+from .console import quiet_third_party
+from .evaluation.config import EvalConfig, KNNConfig
+
+OVERRIDES = """\
+Any recipe key can be set on the command line: --section.key VALUE (or --section.key=VALUE), e.g.
+  --trainer.max_steps 100 --data.train s3://bucket/train --model.encoder.image_size "[224, 224]"
+Values are read as YAML. List a recipe's sections, keys, types, defaults and what each means with:
+  vitpipe recipes show RECIPE
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitpipe", description="Self-supervised ViT pretraining pipeline")
     sub = p.add_subparsers(dest="command", required=True)
+    with_overrides = {"epilog": OVERRIDES, "formatter_class": argparse.RawDescriptionHelpFormatter}
 
     s = sub.add_parser("shard", help="image folder or Fashion-MNIST -> WebDataset shards + manifests")
     src = s.add_mutually_exclusive_group(required=True)
@@ -23,39 +34,57 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2, help="processes writing shards")
     s.add_argument("--holdout", type=float, default=0.0, help="held-out fraction for a folder without val/")
     s.add_argument("--split", default="train", help="split name for --index")
+    s.add_argument("--strict", action="store_true",
+                   help="--index: a truncated shard is an error (exit 2) instead of being recorded with its "
+                        "readable samples")
 
-    t = sub.add_parser("pretrain", help="pretrain with a recipe; --section.key VALUE overrides")
+    t = sub.add_parser("pretrain", help="pretrain with a recipe; --section.key VALUE overrides", **with_overrides)
     t.add_argument("--config", required=True, help="recipe file or built-in name (e.g. mae/vit_large16)")
-    t.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), none, or a path")
+    t.add_argument("--resume", default="auto",
+                   help="auto (newest complete checkpoint, default), none, a step-N folder or an s3://… one")
 
-    f = sub.add_parser("finetune", help="fine-tune a registered encoder with a recipe; --section.key overrides")
+    f = sub.add_parser("finetune", help="fine-tune a registered encoder with a recipe; --section.key overrides",
+                       **with_overrides)
     f.add_argument("--model", help="models:/<name>@<alias>, models:/<name>/<version> or an export folder "
                                    "(default: the recipe's model.init)")
     f.add_argument("--config", required=True, help="recipe file or built-in name (e.g. finetune/vit_base16)")
-    f.add_argument("--resume", default="auto")
+    f.add_argument("--resume", default="auto", help="auto (default), none, or a step-N folder")
 
     r = sub.add_parser("register", help="export a checkpoint and register it in the MLflow model registry")
     r.add_argument("--checkpoint", required=True, help="a step-N folder or a checkpoint dir (newest complete)")
     r.add_argument("--name", required=True, help="registered model name")
     r.add_argument("--alias", default="candidate", help="alias for the new version ('latest' is reserved)")
-    r.add_argument("--tracking-uri", help="default: the tracking URI of the recipe that trained it")
+    r.add_argument("--tracking-uri", help="default: the tracking URI of the recipe that trained it (a server's "
+                                          "credentials: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")
 
     v = sub.add_parser("evaluate", help="kNN / linear-probe accuracy of a registered encoder")
     v.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or a folder")
-    v.add_argument("--protocol", choices=["knn", "linear", "all"], default="all")
+    v.add_argument("--protocol", choices=["knn", "linear", "all"], default="all",
+                   help="kNN, linear probe, or both on the same features (default: all)")
     v.add_argument("--train", required=True, help="labelled split (manifest or its folder) to fit on")
     v.add_argument("--val", required=True, help="held-out labelled split to measure on")
-    v.add_argument("--max-train", type=int, default=None)
-    v.add_argument("--max-val", type=int, default=None)
-    v.add_argument("--k", type=int, default=20)
-    v.add_argument("--temperature", type=float, default=0.07)
-    v.add_argument("--pool", choices=["cls", "mean"], default="cls")
-    v.add_argument("--crop-pct", type=float, default=0.875)
-    v.add_argument("--workers", type=int, default=1)
-    v.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else ./mlflow/mlflow.db")
+    # Defaults live on the configs (None here: not given); the help shows them.
+    v.add_argument("--max-train", type=int, help="use the first N samples of --train (default: all)")
+    v.add_argument("--max-val", type=int, help="use the first N samples of --val (default: all)")
+    v.add_argument("--k", type=int, help=f"kNN: neighbours that vote (default: {_default(KNNConfig, 'k')})")
+    v.add_argument("--temperature", type=float,
+                   help=f"kNN: votes weighted by exp(cosine / T) (default: {_default(KNNConfig, 'temperature')})")
+    v.add_argument("--pool", choices=["cls", "mean"],
+                   help=f"feature: the CLS token or the mean of the patch tokens (default: "
+                        f"{_default(EvalConfig, 'pool')})")
+    v.add_argument("--image-size", type=int, nargs="+", metavar="S",
+                   help="evaluate at S (or H W) pixels, positions resampled (default: the model's own size)")
+    v.add_argument("--crop-pct", type=float,
+                   help="resize the shorter side to size / crop-pct, then centre-crop; 1: resize only "
+                        f"(default: {_default(EvalConfig, 'crop_pct')})")
+    v.add_argument("--workers", type=int,
+                   help=f"loader processes reading the splits (default: {_default(EvalConfig, 'num_workers')})")
+    v.add_argument("--tracking-uri",
+                   help="store holding a models:/ URI (default: $MLFLOW_TRACKING_URI, else ./mlflow/mlflow.db)")
     v.add_argument("--experiment", help="default: the experiment of the run that trained the model")
 
-    d = sub.add_parser("demo", help="Fashion-MNIST on CPU: shard, pretrain, register, evaluate, compare")
+    d = sub.add_parser("demo", help="Fashion-MNIST on CPU: shard, pretrain, register, evaluate, compare",
+                       **with_overrides)
     d.add_argument("--workdir", default="vitpipe-demo")
     d.add_argument("--steps", type=int, default=None)
     d.add_argument("--resume", default="auto")
@@ -78,15 +107,26 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--mean", type=float, nargs=3, default=None, help="input normalisation (default ImageNet)")
     i.add_argument("--std", type=float, nargs=3, default=None)
 
-    sub.add_parser("recipes", help="list the built-in recipes")
+    c = sub.add_parser("recipes", help="list the built-in recipes, or show one's keys: recipes show NAME",
+                       **with_overrides)
+    c.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    c.add_argument("name", nargs="?", help="with show: a built-in recipe name or a recipe file")
+
+    u = sub.add_parser("ui", help="browse runs and registered models in MLflow's UI (local store, 127.0.0.1)")
+    u.add_argument("--workdir", help="folder a run or the demo worked in: its store WORKDIR/mlflow/mlflow.db")
+    u.add_argument("--tracking-uri", help="a store URI (default: $MLFLOW_TRACKING_URI, else ./mlflow/mlflow.db)")
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    u.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
 
     j = sub.add_parser("submit", help="render a stage's Slurm or Kubernetes job from jobs/ and submit (or print) it")
     j.add_argument("--target", choices=["slurm", "k8s"], required=True)
     j.add_argument("--config", required=True, help="recipe name or file, as the cluster's nodes will see it")
     j.add_argument("--stage", choices=["pretrain", "finetune", "register", "evaluate"], default="pretrain")
-    j.add_argument("--nodes", type=int, default=1)
-    j.add_argument("--gpus-per-node", type=int, default=8, help="one process per GPU; 0: CPU processes")
-    j.add_argument("--cpu-tasks-per-node", type=int, default=1, help="processes per node when --gpus-per-node 0")
+    j.add_argument("--nodes", type=int, default=1, help="nodes (default: 1); sets the recipe's trainer.num_nodes")
+    j.add_argument("--gpus-per-node", type=int, default=8,
+                   help="one process per GPU; 0: CPU processes (default: 8); sets trainer.devices and accelerator")
+    j.add_argument("--cpu-tasks-per-node", type=int, default=1,
+                   help="processes per node when --gpus-per-node 0 (default: 1)")
     j.add_argument("--cluster", default="example", help="cluster profile: jobs/clusters/<name>.yaml or a file")
     j.add_argument("--job-name", help="default: <recipe>-<stage>")
     j.add_argument("--after", action="append", default=[], help="Slurm job id this job waits for (afterok)")
@@ -102,31 +142,34 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    quiet_third_party()
     args, rest = _parser().parse_known_args(argv)
     try:
-        if rest and args.command not in ("pretrain", "finetune", "demo", "submit"):  # these take --section.key
+        if rest and args.command not in ("pretrain", "finetune", "demo", "submit", "recipes"):  # --section.key
             raise ConfigError(f"unexpected arguments: {' '.join(rest)}")
         if args.command == "shard":
             from .stages.shard import index_shards, shard_fashion_mnist, shard_image_folder
 
+            if args.strict and not args.index:
+                raise ConfigError("--strict applies to --index only")
             if args.index:
-                index_shards(args.index, args.out, args.split)
+                index_shards(args.index, args.out, args.split, strict=args.strict)
             elif args.images:
                 shard_image_folder(args.images, args.out, args.shard_size or 1000, args.workers, args.holdout)
             else:
                 shard_fashion_mnist(args.out, args.fashion_mnist, args.shard_size or 10000, args.workers)
         elif args.command == "pretrain":
             from .recipe import load_recipe, parse_overrides
-            from .stages.pretrain import pretrain
 
             recipe = load_recipe(args.config, parse_overrides(rest))
             if recipe.task not in ("mae", "deit", "classify"):
                 raise ConfigError(f"{args.config}: task is {recipe.task!r}; use `vitpipe {recipe.task}`")
+            from .stages.pretrain import pretrain  # the training stack, once the recipe is checked
+
             if (result := pretrain(recipe, resume=args.resume)).preempted:
                 return 128 + result.preempted  # as a shell reports death by that signal: a retryable failure
         elif args.command == "finetune":
             from .recipe import load_recipe, parse_overrides
-            from .stages.finetune import finetune
 
             overrides = parse_overrides(rest)
             if args.model:
@@ -134,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             recipe = load_recipe(args.config, overrides)
             if recipe.task != "finetune":
                 raise ConfigError(f"{args.config}: task is {recipe.task!r}, not finetune")
+            from .stages.finetune import finetune
+
             if (result := finetune(recipe, resume=args.resume)).preempted:
                 return 128 + result.preempted
         elif args.command == "register":
@@ -141,15 +186,17 @@ def main(argv: list[str] | None = None) -> int:
 
             register_checkpoint(args.checkpoint, args.name, args.alias, args.tracking_uri)
         elif args.command == "evaluate":
-            from .evaluation import KNNConfig
-            from .stages.evaluate import EvalConfig, evaluate_model
             from .tracking import TrackingConfig
 
             protocols = ["knn", "linear"] if args.protocol == "all" else [args.protocol]
+            knn = KNNConfig(**_given(k=args.k, temperature=args.temperature))
             cfg = EvalConfig(train=args.train, val=args.val, protocols=protocols, max_train=args.max_train,
-                             max_val=args.max_val, pool=args.pool, crop_pct=args.crop_pct,
-                             num_workers=args.workers, knn=KNNConfig(k=args.k, temperature=args.temperature))
-            evaluate_model(args.model, cfg, TrackingConfig(uri=args.tracking_uri), args.experiment)
+                             max_val=args.max_val, image_size=_size(args.image_size), knn=knn,
+                             **_given(pool=args.pool, crop_pct=args.crop_pct, num_workers=args.workers))
+            tracking = TrackingConfig(uri=args.tracking_uri)
+            from .stages.evaluate import evaluate_model  # the heavy part, once the arguments are checked
+
+            evaluate_model(args.model, cfg, tracking, args.experiment)
         elif args.command == "demo":
             from .recipe import parse_overrides
             from .stages.demo import demo
@@ -189,13 +236,51 @@ def main(argv: list[str] | None = None) -> int:
                                 args.gpus_per_node, args.cpu_tasks_per_node, args.cluster, args.job_name, args.after)
             submit(req, dry_run=args.dry_run, chain=args.chain)
         elif args.command == "recipes":
-            from .resources import list_recipes
+            _recipes(args.action, args.name, rest)
+        elif args.command == "ui":
+            from .stages.ui import serve_ui
 
-            print("\n".join(list_recipes()))
+            return serve_ui(args.workdir, args.tracking_uri, args.host, args.port)
     except (ConfigError, FileNotFoundError, ValueError) as err:  # ModelError, ManifestError are ValueErrors
         print(f"vitpipe {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _default(cls: type, name: str):
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return field.default
+
+
+def _given(**values):
+    """The options given on the command line (the rest keep their configs' defaults)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _size(values: list[int] | None) -> tuple[int, int] | None:
+    if values is None:
+        return None
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise ConfigError(f"--image-size takes one size or H W, got {' '.join(map(str, values))}")
+    return (values[0], values[-1])
+
+
+def _recipes(action: str, name: str | None, rest: list[str]) -> None:
+    from .resources import find_recipe, list_recipes
+
+    if action == "list":
+        print("\n".join(list_recipes()))
+        print("keys, types and defaults of one: vitpipe recipes show NAME", file=sys.stderr)
+        return
+    if not name:
+        raise ConfigError("recipes show needs a recipe name or file (vitpipe recipes lists them)")
+    from .recipe import load_recipe, parse_overrides
+    from .recipe_docs import describe
+
+    recipe = load_recipe(name, parse_overrides(rest))
+    print(f"recipe {name} ({find_recipe(name)}), task {recipe.task}: its sections and keys, each with type, "
+          f"value and default.\nOverride any key with --section.key VALUE on the command line.\n")
+    print("\n".join(describe(recipe)))
 
 
 if __name__ == "__main__":

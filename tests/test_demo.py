@@ -30,4 +30,28 @@ def test_demo_shards_trains_and_reports_mlflow_run(tmp_path, child_env):
     for row in ("| MAE-pretrained encoder |", "| same encoder, random init |", "| raw pixels |"):
         assert row in table
     assert "300 train / 100 held-out images" in out.stdout
-    assert "mlflow ui --backend-store-uri" in out.stdout.split("| raw pixels |")[1]
+
+    # The demo ends with the next commands; they work as printed in a fresh shell, from another folder,
+    # without the virtual environment on PATH (only the UI's port is added: 5000 may be taken here).
+    steps = out.stdout.split("next steps")[1].splitlines()
+    commands = {line.split()[1]: line.strip() for line in steps if line.startswith("    ")}
+    assert set(commands) == {"ui", "evaluate", "finetune"}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    fresh = {"PATH": "/usr/bin:/bin", "HOME": child_env.get("HOME", str(tmp_path)),
+             "VITPIPE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": child_env["PYTHONPATH"]}
+    evaluated = subprocess.run(["bash", "-c", commands["evaluate"]], env=fresh, cwd=elsewhere, capture_output=True,
+                               text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "evaluate models:/vitpipe-demo-mae@demo: knn_top1" in evaluated.stdout
+    finetuned = subprocess.run(["bash", "-c", commands["finetune"] + " --trainer.max_steps 2 --model.eval_limit 64"],
+                               env=fresh, cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    assert finetuned.returncode == 0, finetuned.stderr[-3000:]
+    assert "registered models:/vitpipe-demo-classifier/1" in finetuned.stdout
+    assert list(elsewhere.iterdir()) == []  # no stray ./mlflow or checkpoints where the commands ran
+    assert commands["ui"].endswith(f"ui --workdir {work}")
+
+    # No warning a user cannot act on, and no progress-bar residue, in the run's output.
+    for noise in ("srun", "litlogger", "LeafSpec", "weights_only", "Creating initial MLflow database", "v_num",
+                  "Downloading artifacts"):
+        assert noise not in out.stdout + out.stderr, noise

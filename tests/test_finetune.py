@@ -54,7 +54,7 @@ def test_drop_path_rises_linearly_to_the_last_block():
     assert [b.drop_path1.drop_prob for b in enc.blocks[1:]] == pytest.approx([0.1, 0.2])
 
 
-def test_finetune_from_the_registry_at_another_resolution(fmnist_shards, tmp_path, monkeypatch):
+def test_finetune_from_the_registry_at_another_resolution(fmnist_shards, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VITPIPE_CACHE", str(tmp_path / "cache"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     pre = load_recipe("mae/tiny_fmnist", tiny_overrides(
@@ -73,6 +73,10 @@ def test_finetune_from_the_registry_at_another_resolution(fmnist_shards, tmp_pat
     run = client.get_run(result.run_id)
     assert run.data.tags["vitpipe.init_run"] == pretrained.run_id
     assert run.data.tags["vitpipe.init_model_version"] == "enc/1"
+    # the resolution change is said once and recorded with the run
+    line = "sincos2d position embedding resampled: grid 4x4 -> 6x6, sin-cos table recomputed for the new grid"
+    assert capsys.readouterr().out.count(f"finetune models:/enc@x: {line}") == 1
+    assert run.data.params["model.position_resample"] == line
     top1 = run.data.metrics["val/top1"]
     assert 0.0 <= top1 <= 1.0
 

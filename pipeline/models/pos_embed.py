@@ -6,13 +6,14 @@ resamples from the *recorded* grid instead of guessing it from a sequence length
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-PosEmbedKind = Literal["learned", "sincos2d", "rope2d"]
+from .config import PosEmbedKind, grid_of
 
 
 def sincos_2d(dim: int, grid: tuple[int, int], temperature: float = 10000.0) -> torch.Tensor:
@@ -141,6 +142,35 @@ def resample_table(table: torch.Tensor, old_grid: tuple[int, int], old_prefix: i
     return torch.cat([prefix, resample_grid(patches, old_grid, new_grid)]).unsqueeze(0)
 
 
+# How each kind follows a change of grid (see PosEmbed._load_from_state_dict, PosEmbed.rope).
+RESAMPLE_METHOD = {"learned": "bicubic interpolation of the learned table (antialiased when shrinking)",
+                   "sincos2d": "sin-cos table recomputed for the new grid",
+                   "rope2d": "RoPE positions rescaled onto the trained grid"}
+
+
+@dataclass(frozen=True)
+class GridChange:
+    """A position embedding used on another patch grid than the one its weights were made for."""
+
+    kind: str
+    old: tuple[int, int]
+    new: tuple[int, int]
+
+    @property
+    def method(self) -> str:
+        return RESAMPLE_METHOD[self.kind]
+
+    def __str__(self) -> str:
+        return (f"{self.kind} position embedding resampled: grid {self.old[0]}x{self.old[1]} -> "
+                f"{self.new[0]}x{self.new[1]}, {self.method}")
+
+
+def grid_change(meta: dict[str, Any], new_grid: tuple[int, int]) -> GridChange | None:
+    """The change from the grid recorded in ``meta`` (a ``PosEmbed.meta()``) to ``new_grid``; None if equal."""
+    old = tuple(meta["grid"])
+    return None if old == tuple(new_grid) else GridChange(meta["kind"], old, tuple(new_grid))
+
+
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (i, i + hd/2) of x [B, H, N, hd] by angles [B, 1, N, hd/2]."""
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -148,12 +178,5 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def grid_of(image_size: tuple[int, int], patch_size: int) -> tuple[int, int]:
-    h, w = image_size
-    if h % patch_size or w % patch_size:
-        raise ValueError(f"image size {h}x{w} is not a multiple of patch size {patch_size}")
-    return h // patch_size, w // patch_size
-
-
-__all__ = ["PosEmbed", "PosEmbedKind", "apply_rope", "grid_of", "resample_grid", "resample_table",
-           "sincos_2d"]
+__all__ = ["GridChange", "PosEmbed", "PosEmbedKind", "apply_rope", "grid_change", "grid_of", "resample_grid",
+           "resample_table", "sincos_2d"]

@@ -22,6 +22,8 @@ from mlflow.exceptions import MlflowException
 
 from ..checkpoint.export import load_encoder, read_metadata
 from ..models import ViTEncoder
+from ..models.config import grid_of
+from ..models.pos_embed import GridChange, grid_change
 from .lineage import RECIPE_HASH, RUN_ID, version_tags
 
 EXPORT_ARTIFACT = "export"
@@ -156,6 +158,15 @@ def _checked(ref: ModelRef) -> ModelRef:
         raise ModelError(f"{ref.uri}: metadata recipe hash {meta['recipe_hash']} differs from the version's "
                          f"tag {tagged}: the files are not the ones that were registered")
     return ref
+
+
+def resolution_change(ref: ModelRef, image_size: tuple[int, int] | None) -> GridChange | None:
+    """How loading ``ref``'s encoder at ``image_size`` changes its position embedding; None when the patch grid
+    stays the same (or no size is asked for)."""
+    enc = ref.metadata().get("encoder")
+    if enc is None or image_size is None:
+        return None
+    return grid_change(enc["pos_embed"], grid_of(tuple(image_size), enc["patch_size"]))
 
 
 def load_model_encoder(ref: ModelRef, image_size: tuple[int, int] | None = None) -> ViTEncoder:

@@ -3,22 +3,25 @@ probe of the registered encoder, compared with the same encoder at random initia
 pixels, evaluated on the same images."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import torch
 from mlflow import MlflowClient
 
 from ..checkpoint.export import encoder_config
+from ..console import vitpipe_executable
 from ..data.manifest import MANIFEST_NAME
+from ..evaluation.config import EvalConfig
 from ..evaluation.features import encoder_embedding, pixel_embedding
 from ..models import ViTEncoder
 from ..recipe import load_recipe
-from ..tracking import ui_command
-from .evaluate import EvalConfig, evaluate_embedding, evaluate_model, transform_for
+from .evaluate import evaluate_embedding, evaluate_model, transform_for
 from .pretrain import pretrain
 from .shard import shard_fashion_mnist
 
 DEMO_RECIPE = "mae/tiny_fmnist"
+FINETUNE_RECIPE = "finetune/tiny_fmnist"
 DEMO_MODEL = "vitpipe-demo-mae"
 DEMO_ALIAS = "demo"
 # Evaluation subsets sized so the whole demo stays within about a quarter of an hour on two CPU cores.
@@ -63,8 +66,27 @@ def demo(workdir: str = "vitpipe-demo", steps: int | None = None, overrides: dic
     table = comparison_table(rows, cfg, trained.global_step)
     print(table)
     MlflowClient(trained.tracking_uri).log_text(result.run_id, table, "demo_comparison.md")
-    print(f"browse the runs, reconstructions and the registered model with:\n  {ui_command(trained.tracking_uri)}")
+    print(next_steps(work, shards, model_uri, trained.tracking_uri, cfg))
     return rows
+
+
+def next_steps(work: Path, shards: Path, model_uri: str, tracking_uri: str, cfg: EvalConfig) -> str:
+    """The commands to go on from the demo, each ready to paste into a fresh shell in any folder."""
+    exe, q = vitpipe_executable(), shlex.quote
+    store = f"--tracking-uri {q(tracking_uri)}"
+    splits = f"--train {q(str(shards / 'train'))} --val {q(str(shards / 'val'))}"
+    return "\n".join([
+        "next steps (each works as printed, from any folder):",
+        "  browse the runs, the reconstructions and the registered model in MLflow's UI:",
+        f"    {exe} ui --workdir {q(str(work))}",
+        "  evaluate the registered encoder again (at another resolution: add --image-size 48):",
+        f"    {exe} evaluate --model {model_uri} {store} {splits} --max-train {cfg.max_train} "
+        f"--max-val {cfg.max_val} --crop-pct {cfg.crop_pct}",
+        f"  fine-tune it with a classification head ({FINETUNE_RECIPE}), registered as a classifier:",
+        f"    {exe} finetune --config {FINETUNE_RECIPE} --model {model_uri} --tracking.uri {q(tracking_uri)} "
+        f"--data.train {q(str(shards / 'train'))} --data.val {q(str(shards / 'val'))} "
+        f"--checkpoint.dir {q(str(work / 'finetune-checkpoints'))}",
+    ])
 
 
 def comparison_table(rows: dict[str, dict[str, float]], cfg: EvalConfig, steps: int) -> str:

@@ -3,46 +3,22 @@ logged to an MLflow run linked to the training run, and attached to the model ve
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Literal
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from ..config import flatten, to_dict
-from ..evaluation import KNNConfig, LinearProbeConfig, knn_accuracy, train_linear_probe
+from ..evaluation import knn_accuracy, train_linear_probe
+from ..evaluation.config import EvalConfig
 from ..evaluation.features import EvalTransform, LabelledSplit, encoder_embedding, extract
 from ..registry import ModelRef, load_model_encoder, resolve_model, tag_version
+from ..registry.models import resolution_change
 from ..tracking import TrackingConfig, resolve_uri
 from ..tracking.secrets import scrub, scrub_url
-
-Protocol = Literal["knn", "linear"]
-
-
-@dataclass
-class EvalConfig:
-    """Which labelled splits, how much of them, and the protocols' settings."""
-
-    train: str = ""
-    """Labelled split the kNN memory bank and the linear probe are fit on (manifest URL or folder)."""
-    val: str = ""
-    """Held-out labelled split the accuracy is measured on."""
-    protocols: list[Protocol] = field(default_factory=lambda: ["knn", "linear"])
-    max_train: int | None = None
-    """Use the first this-many samples of ``train`` (None: all); the report says how many were used."""
-    max_val: int | None = None
-    pool: Literal["cls", "mean"] = "cls"
-    crop_pct: float = 0.875
-    batch_size: int = 256
-    num_workers: int = 1
-    knn: KNNConfig = field(default_factory=KNNConfig)
-    linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.train or not self.val:
-            raise ValueError("evaluation needs a labelled train split and a held-out val split")
+from ..tracking.stores import require_store
 
 
 @dataclass
@@ -73,10 +49,10 @@ def evaluate_embedding(embed: Callable[[torch.Tensor], torch.Tensor], cfg: EvalC
     return metrics
 
 
-def transform_for(ref: ModelRef, cfg: EvalConfig, image_size: tuple[int, int] | None = None) -> EvalTransform:
+def transform_for(ref: ModelRef, cfg: EvalConfig) -> EvalTransform:
     meta = ref.metadata()
     norm = meta["normalisation"]
-    size = image_size or tuple(meta["encoder"]["image_size"])
+    size = tuple(cfg.image_size or meta["encoder"]["image_size"])
     return EvalTransform(size, norm["mean"], norm["std"], cfg.crop_pct)
 
 
@@ -84,12 +60,18 @@ def evaluate_model(model_uri: str, cfg: EvalConfig, tracking: TrackingConfig,
                    experiment: str | None = None) -> EvalResult:
     """Evaluate ``model_uri``; the run goes to ``experiment``, by default the training run's experiment,
     as a child of the training run, and the metrics are tagged onto the model version."""
-    uri = resolve_uri(tracking)
-    ref = resolve_model(model_uri, uri)
-    encoder = load_model_encoder(ref)
+    # a registered model must come from a store that exists; an export folder may start a new store
+    registered = model_uri.startswith("models:/")
+    uri = resolve_uri(tracking, where="--tracking-uri", create=not registered)
+    ref = resolve_model(model_uri, require_store(uri) if registered else uri)
+    change = resolution_change(ref, cfg.image_size)
+    if change is not None:
+        print(f"evaluate {model_uri}: {change}")
+    encoder = load_model_encoder(ref, cfg.image_size)
     metrics = evaluate_embedding(encoder_embedding(encoder, cfg.pool), cfg, transform_for(ref, cfg))
     client = MlflowClient(uri)
-    run_id = log_evaluation(client, ref, cfg, metrics, experiment)
+    extra = {"eval.position_resample": str(change)} if change is not None else {}
+    run_id = log_evaluation(client, ref, cfg, metrics, experiment, extra)
     tag_version(client, ref, {f"vitpipe.eval.{k}": f"{v:.4f}" for k, v in metrics.items() if k.endswith("top1")}
                 | {"vitpipe.eval.run_id": run_id})
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("top1"))
@@ -99,7 +81,7 @@ def evaluate_model(model_uri: str, cfg: EvalConfig, tracking: TrackingConfig,
 
 
 def log_evaluation(client: MlflowClient, ref: ModelRef, cfg: EvalConfig, metrics: dict[str, float],
-                   experiment: str | None) -> str:
+                   experiment: str | None, extra_params: dict[str, str] | None = None) -> str:
     parent = client.get_run(ref.run_id) if ref.run_id else None
     if experiment is not None or parent is None:
         name = experiment or "vitpipe"
@@ -117,6 +99,7 @@ def log_evaluation(client: MlflowClient, ref: ModelRef, cfg: EvalConfig, metrics
     run = client.create_run(experiment_id, run_name=f"evaluate {ref.name or ref.uri}", tags=tags)
     rid, now = run.info.run_id, int(time.time() * 1000)
     params = [Param(f"eval.{k}", str(v)) for k, v in flatten(scrub(to_dict(cfg))).items()]
+    params += [Param(k, v) for k, v in (extra_params or {}).items()]
     client.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()], params=params)
     client.set_terminated(rid)
     return rid

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 
 from ..models.classifier import ViTClassifier, set_drop_path
 from ..recipe import FinetuneRecipe
 from ..registry import load_model_encoder, resolve_model
+from ..registry.models import resolution_change
 from ..tasks import FinetuneTask
 from ..tracking import resolve_uri
 from .held_out import report_classifier, trained_weights
@@ -27,6 +29,11 @@ def finetune(recipe: FinetuneRecipe, resume: str | None = "auto",
         set_drop_path(encoder, cfg.drop_path)
         return ViTClassifier(encoder, cfg.num_classes, cfg.pool)
 
+    params = {}
+    if (change := resolution_change(ref, cfg.image_size)) is not None:
+        if rank_zero_only.rank == 0:
+            print(f"finetune {ref.uri}: {change}")
+        params["model.position_resample"] = str(change)
     model = classifier()
     task = FinetuneTask(model, cfg, recipe.optim, plan.schedule)
     tags = {"vitpipe.init_model": ref.uri}
@@ -41,4 +48,5 @@ def finetune(recipe: FinetuneRecipe, resume: str | None = "auto",
             trained.load_state_dict(weights)
             report_classifier(trained, recipe, result, "finetune")
 
-    return fit(recipe, plan, task, extra_callbacks, run_tags=tags, on_trained=held_out, stage="finetune")
+    return fit(recipe, plan, task, extra_callbacks, run_tags=tags, run_params=params, on_trained=held_out,
+               stage="finetune")
