@@ -78,8 +78,9 @@ PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
     def start(self) -> None:
         missing = [d for d in DAEMONS if shutil.which(d) is None and not Path(f"/usr/sbin/{d}").exists()]
         if missing:
-            pytest.fail(f"{', '.join(missing)} not installed: scripts/install.sh installs slurmctld slurmd "
-                        "slurm-client munge")
+            # Only these tests need Slurm: a user without root installs vitpipe without it.
+            pytest.skip(f"{', '.join(missing)} not installed: `scripts/install.sh --with-slurm` (as root, as "
+                        "scripts/test.sh does) installs slurmctld slurmd slurm-client munge")
         (self.root / "munge").mkdir(parents=True, mode=0o700)
         (self.root / "ctld").mkdir()
         key = self.root / "munge" / "munge.key"
