@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
-from urllib.parse import SplitResult, unquote, urlsplit
+from urllib.parse import SplitResult, unquote
 
 from ..config import ConfigError
-from .secrets import REDACTED, scrub_url, without_userinfo
+from .secrets import REDACTED, scrub_url, split_userinfo, without_userinfo
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +31,8 @@ _warned: set[str] = set()
 
 def _http_userinfo(uri: str) -> SplitResult | None:
     """The split ``uri`` when it is an http(s) URI with a user or password in it, else None."""
-    if "@" not in uri:
-        return None
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return None
-    if parts.scheme.lower() not in ("http", "https") or (parts.username is None and parts.password is None):
-        return None
-    return parts
+    parts = split_userinfo(uri)
+    return parts if parts is not None and parts.scheme.lower() in ("http", "https") else None
 
 
 def _mlflow_credentials() -> tuple[str | None, str | None]:

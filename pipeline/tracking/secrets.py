@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 REDACTED = "***"
 SECRET_WORDS = {"secret", "password", "passwd", "pwd", "token", "credential", "credentials", "auth"}
@@ -37,15 +37,21 @@ def scrub(value: Any, key: str = "") -> Any:
     return value
 
 
-def scrub_url(text: str) -> str:
-    """``https://user:pw@host/x`` -> ``https://user:***@host/x``; anything that is not such a URL is kept."""
+def split_userinfo(text: str) -> SplitResult | None:
+    """The parts of ``text`` when it is a URL with a user or a password in it, else None."""
     if "://" not in text or "@" not in text:
-        return text
+        return None
     try:
         parts = urlsplit(text)
     except ValueError:
-        return text
-    if parts.password is None:
+        return None
+    return None if parts.username is None and parts.password is None else parts
+
+
+def scrub_url(text: str) -> str:
+    """``https://user:pw@host/x`` -> ``https://user:***@host/x``; anything that is not such a URL is kept."""
+    parts = split_userinfo(text)
+    if parts is None or parts.password is None:
         return text
     userinfo, _, host = parts.netloc.rpartition("@")  # the host as written (case, IPv6 brackets, port)
     return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:{REDACTED}@{host}"))
@@ -53,15 +59,8 @@ def scrub_url(text: str) -> str:
 
 def without_userinfo(text: str) -> str:
     """``https://user:pw@host/x`` (or ``user:***@``, or ``user@``) -> ``https://host/x``; other text is kept."""
-    if "://" not in text or "@" not in text:
-        return text
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        return text
-    if parts.username is None and parts.password is None:
-        return text
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    parts = split_userinfo(text)
+    return text if parts is None else urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 URL_PASSWORD = re.compile(r"(://[^/\s:@]+:)[^@\s/]+@")
