@@ -30,9 +30,9 @@ def test_pretrain_cli_checkpoints_and_tracks(fmnist_shards, tmp_path, child_env)
 
     # Not a terminal (a log file): one progress line per logging step, no bar's carriage returns, none of the
     # start-up chatter of Lightning or MLflow.
-    lines = [line for line in out.stdout.splitlines() if line.startswith("step ")]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("step ") and "loss " in line]
     assert [line.split(",")[0] for line in lines] == [f"step {s}/12 ({s / 12:.0%})" for s in (4, 8, 12)]
-    assert all("loss " in line and " img/s" in line and "ETA" in line for line in lines)
+    assert all(" img/s" in line and "ETA" in line for line in lines)
     assert "\r" not in out.stdout + out.stderr
     for noise in ("srun", "litlogger", "LeafSpec", "weights_only", "GPU available", "Creating initial MLflow"):
         assert noise not in out.stdout + out.stderr, noise

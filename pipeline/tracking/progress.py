@@ -45,30 +45,36 @@ class StepBar(TQDMProgressBar):
 
 
 class StepLines(L.Callback):
-    """``step 120/400 (30%) loss 0.8123, 85.2 img/s, 1m02s elapsed, ETA 2m24s`` every N optimizer steps."""
+    """``step 120/400 (30%), loss 0.8123, 85.2 img/s, 1m02s elapsed, ETA 2m24s`` every N optimizer steps, and a
+    line without the metrics (read only on logging steps) whenever ``quiet_s`` pass without one: slow steps
+    never leave a log silent for long."""
 
-    def __init__(self, every_n_steps: int, out=None):
-        self.every = max(every_n_steps, 1)
+    def __init__(self, every_n_steps: int, out=None, quiet_s: float = 15.0):
+        self.every, self.quiet_s = max(every_n_steps, 1), quiet_s
         self.out = out
         self._t0: float | None = None
+        self._last = 0.0
         self._step0 = 0
         self._printed = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0, self._step0 = time.monotonic(), trainer.global_step  # a resume starts counting here
+        self._last = self._t0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
         if not trainer.is_global_zero or step in (self._printed, self._step0):
             return
-        if step % self.every and step != trainer.max_steps:
+        now = time.monotonic()
+        logging_step = step % self.every == 0 or step == trainer.max_steps
+        if not logging_step and now - self._last < self.quiet_s:
             return
-        self._printed = step
-        elapsed = time.monotonic() - (self._t0 or time.monotonic())
+        self._printed, self._last = step, now
+        elapsed = now - (self._t0 or now)
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         parts = [f"step {step}" + (f"/{total} ({step / total:.0%})" if total else "")]
-        metrics = _shown_metrics(trainer)
+        metrics = _shown_metrics(trainer) if logging_step else {}
         if "loss" in metrics:
             parts.append(f"loss {metrics['loss']:.4f}")
         if "img/s" in metrics:
