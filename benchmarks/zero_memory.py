@@ -65,7 +65,7 @@ def worker(a: argparse.Namespace) -> None:
     import torch
 
     from pipeline.recipe import load_recipe
-    from pipeline.stages.pretrain import pretrain
+    from pipeline.stages.train import train as pretrain
 
     class Probe(L.Callback):
         def on_train_start(self, trainer, pl_module):

@@ -162,25 +162,14 @@ def main(argv: list[str] | None = None) -> int:
             from .recipe import load_recipe, parse_overrides
 
             recipe = load_recipe(args.config, parse_overrides(rest))
-            if recipe.task not in ("mae", "deit", "classify"):
-                raise ConfigError(f"{args.config}: task is {recipe.task!r}; use `vitpipe {recipe.task}`")
-            from .stages.pretrain import pretrain  # the training stack, once the recipe is checked
-
-            if (result := pretrain(recipe, resume=args.resume)).preempted:
-                return 128 + result.preempted  # as a shell reports death by that signal: a retryable failure
+            return _train(recipe, "pretrain", args.config, args.resume)
         elif args.command == "finetune":
             from .recipe import load_recipe, parse_overrides
 
             overrides = parse_overrides(rest)
             if args.model:
                 overrides["model.init"] = args.model
-            recipe = load_recipe(args.config, overrides)
-            if recipe.task != "finetune":
-                raise ConfigError(f"{args.config}: task is {recipe.task!r}, not finetune")
-            from .stages.finetune import finetune
-
-            if (result := finetune(recipe, resume=args.resume)).preempted:
-                return 128 + result.preempted
+            return _train(load_recipe(args.config, overrides), "finetune", args.config, args.resume)
         elif args.command == "register":
             from .stages.register import register_checkpoint
 
@@ -204,30 +193,19 @@ def main(argv: list[str] | None = None) -> int:
             demo(args.workdir, args.steps, parse_overrides(rest), resume=args.resume, eval_train=args.eval_train,
                  eval_val=args.eval_val)
         elif args.command == "export":
-            from .checkpoint import export_checkpoint, latest_complete
+            from .checkpoint.store import committed_step
+            from .stages.export import export_checkpoint, export_timm_names
 
-            ckpt = latest_complete(args.checkpoint) or args.checkpoint
-            print(f"exported {ckpt} -> {export_checkpoint(ckpt, args.out)}")
+            step = committed_step(args.checkpoint)
+            print(f"exported {step} -> {export_checkpoint(step, args.out)}")
             if args.timm:
-                from .checkpoint.export import load_encoder
-                from .models.convert import write_timm
-
-                print(f"timm state dict -> {write_timm(args.out, load_encoder(args.out))}")
+                print(f"timm state dict -> {export_timm_names(args.out)}")
         elif args.command == "import-weights":
-            from .checkpoint.export import write_export
-            from .models.convert import IMAGENET_NORMALISATION, import_encoder, import_mae
+            from .stages.export import import_weights
 
             size = tuple(args.image_size) if args.image_size else None
-            encoder, report = import_encoder(args.weights, args.num_heads, size)
-            mae = import_mae(args.weights, args.num_heads, image_size=size) if args.mae else None
-            norm = {"mean": args.mean or IMAGENET_NORMALISATION["mean"],
-                    "std": args.std or IMAGENET_NORMALISATION["std"]}
-            out = write_export(args.out, mae.encoder if mae else encoder, mae, norm, {"source": report.meta()})
-            print(f"imported {args.weights} ({report.format}) -> {out}")
-            for note in report.notes:
-                print(f"  note: {note}")
-            if report.ignored:
-                print(f"  ignored: {', '.join(report.ignored)}")
+            _, lines = import_weights(args.weights, args.out, args.mae, args.num_heads, size, args.mean, args.std)
+            print("\n".join(lines))
         elif args.command == "submit":
             from .recipe import parse_overrides
             from .stages.submit import SubmitRequest, submit
@@ -244,6 +222,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:  # ModelError, ManifestError are ValueErrors
         print(f"vitpipe {args.command}: error: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _train(recipe, verb: str, config: str, resume: str) -> int:
+    """Train with the recipe's objective, if ``verb`` is the one that trains it."""
+    from .objectives.registry import objective_of
+
+    objective = objective_of(recipe)
+    if objective.verb != verb:
+        raise ConfigError(f"{config}: task {recipe.task!r} ({objective.summary}) is trained with "
+                          f"`vitpipe {objective.verb}`")
+    from .stages.train import train  # the training stack, once the recipe is checked
+
+    if (result := train(recipe, resume=resume)).preempted:
+        return 128 + result.preempted  # as a shell reports death by that signal: a retryable failure
     return 0
 
 
@@ -269,8 +262,12 @@ def _recipes(action: str, name: str | None, rest: list[str]) -> None:
     from .resources import find_recipe, list_recipes
 
     if action == "list":
-        print("\n".join(list_recipes()))
-        print("keys, types and defaults of one: vitpipe recipes show NAME", file=sys.stderr)
+        from .objectives.registry import names, objective
+
+        print("\n".join(list_recipes()))  # stdout: the names alone, for scripts
+        objectives = "\n".join(f"  {name:<10} {objective(name).summary}" for name in names())
+        print(f"keys, types and defaults of one: vitpipe recipes show NAME\nobjectives (a recipe's task:):\n"
+              f"{objectives}", file=sys.stderr)
         return
     if not name:
         raise ConfigError("recipes show needs a recipe name or file (vitpipe recipes lists them)")

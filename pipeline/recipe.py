@@ -1,9 +1,11 @@
 """A recipe: everything one run needs, as typed sections. Loaded from YAML plus dotted overrides."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import importlib
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, get_type_hints
 
 import yaml
 
@@ -11,9 +13,8 @@ from .checkpoint.store import CheckpointConfig
 from .config import ConfigError, apply_overrides, build, digest, read_mapping, to_dict
 from .data.config import StorageConfig, StreamConfig
 from .distributed.strategy import ZeroConfig
-from .models.config import MAEConfig
+from .objectives.registry import DEFAULT_TASK, objective
 from .resources import find_recipe
-from .tasks.config import DeiTConfig, FinetuneConfig, FinetuneOptimConfig, OptimConfig, TimmClassifierConfig
 from .tracking import TrackingConfig
 
 
@@ -60,7 +61,14 @@ class RegisterConfig:
 
 @dataclass
 class RunRecipe:
-    """Sections every training recipe has; the task-specific ones are added by the subclasses below."""
+    """Sections every training recipe has; each objective's recipe type (``pipeline.objectives``) adds its
+    ``task``, ``model`` and ``optim``."""
+
+    image_size_key: ClassVar[str] = "model.image_size"
+    """Where the recipe keeps the input size (the transform follows it); not a recipe key."""
+    labelled: ClassVar[bool] = False
+    """The task learns from labels: samples without a usable one are skipped and counted as bad; an unlabelled
+    task (MAE) takes every decodable sample. Not a recipe key."""
 
     name: str
     task: str = ""
@@ -74,7 +82,19 @@ class RunRecipe:
     register: RegisterConfig = field(default_factory=RegisterConfig)
 
     def input_size(self) -> tuple[int, int]:
-        raise NotImplementedError
+        value: Any = self
+        for part in self.image_size_key.split("."):
+            value = getattr(value, part)
+        return tuple(value)
+
+    def label_classes(self) -> int | None:
+        """Classes a labelled task's labels must fall in (``model.num_classes``); None for an unlabelled task."""
+        return self.model.num_classes if self.labelled else None
+
+    def normalisation(self) -> dict[str, list[float]]:
+        """The input statistics the model is trained with, as exports record them."""
+        t = self.data.transform
+        return {"mean": list(t.mean), "std": list(t.std)}
 
     def __post_init__(self) -> None:
         # One truth for the input size: the model's. The transform follows it.
@@ -92,63 +112,16 @@ class RunRecipe:
         return digest(self.to_dict())
 
 
-@dataclass
-class Recipe(RunRecipe):
-    """MAE pretraining."""
-
-    task: Literal["mae"] = "mae"
-    labelled = False  # class attribute, not a recipe key: MAE ignores labels: samples without one train too
-    model: MAEConfig = field(default_factory=MAEConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-
-    def input_size(self) -> tuple[int, int]:
-        return tuple(self.model.encoder.image_size)
+# The built-in recipe types, declared with their objectives; these names are kept for code that imports them.
+_ALIASES = {"Recipe": ("mae", "MAERecipe"), "FinetuneRecipe": ("finetune", "FinetuneRecipe"),
+            "DeiTRecipe": ("deit", "DeiTRecipe"), "ClassifyRecipe": ("classify", "ClassifyRecipe")}
 
 
-@dataclass
-class FinetuneRecipe(RunRecipe):
-    """Supervised fine-tuning of a registered encoder with a classification head."""
-
-    task: Literal["finetune"] = "finetune"
-    labelled = True  # class attribute, not a recipe key: samples without a usable label are skipped and counted
-    model: FinetuneConfig = field(default_factory=FinetuneConfig)
-    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
-
-    def input_size(self) -> tuple[int, int]:
-        return tuple(self.model.image_size)
-
-
-@dataclass
-class DeiTRecipe(RunRecipe):
-    """DeiT-style supervised pretraining, with or without a teacher. DeiT's lr is 5e-4 x batch / 512, i.e.
-    base_lr 2.5e-4 under the batch / 256 rule."""
-
-    task: Literal["deit"] = "deit"
-    labelled = True  # class attribute, not a recipe key: samples without a usable label are skipped and counted
-    model: DeiTConfig = field(default_factory=DeiTConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(base_lr=2.5e-4, betas=(0.9, 0.999),
-                                                                   warmup_epochs=5.0, min_lr=1e-5))
-
-    def input_size(self) -> tuple[int, int]:
-        return tuple(self.model.encoder.image_size)
-
-
-@dataclass
-class ClassifyRecipe(RunRecipe):
-    """A timm classifier trained from scratch on labelled shards, e.g. the CNN teacher of a DeiT student."""
-
-    task: Literal["classify"] = "classify"
-    labelled = True  # class attribute, not a recipe key: samples without a usable label are skipped and counted
-    model: TimmClassifierConfig = field(default_factory=TimmClassifierConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(base_lr=5e-4, betas=(0.9, 0.999),
-                                                                   warmup_epochs=5.0, min_lr=1e-5))
-
-    def input_size(self) -> tuple[int, int]:
-        return tuple(self.model.image_size)
-
-
-RECIPE_TYPES: dict[str, type[RunRecipe]] = {"mae": Recipe, "finetune": FinetuneRecipe, "deit": DeiTRecipe,
-                                            "classify": ClassifyRecipe}
+def __getattr__(name: str) -> Any:
+    if name not in _ALIASES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _ALIASES[name]
+    return getattr(importlib.import_module(f".objectives.{module}", __package__), attr)
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
@@ -176,24 +149,34 @@ def load_recipe(name_or_path: str, overrides: Mapping[str, Any] | None = None) -
     raw = read_mapping(path, "a recipe is a mapping of sections")
     overrides = dict(overrides or {})
     apply_overrides(raw, overrides)
-    task = raw.get("task", "mae")
-    if task not in RECIPE_TYPES:
-        raise ConfigError(f"{blame(path, 'task', overrides)}: task {task!r} is not one of {sorted(RECIPE_TYPES)}",
-                          "task")
-    # The transform size follows the model unless the recipe sets it.
-    model = raw.get("model") or {}
-    sized = model.get("encoder") or {} if task in ("mae", "deit") else model
-    if "image_size" in sized:
-        size = sized["image_size"]
-        size = sized["image_size"] = [size, size] if isinstance(size, int) else size
-        if isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size):
-            # (a malformed size is left for the model's section to report, under its own key)
-            transform = raw.setdefault("data", {}).setdefault("transform", {})
-            transform.setdefault("image_size", size)
+    recipe_type = objective(raw.get("task", DEFAULT_TASK), where=blame(path, "task", overrides)).recipe
+    # The transform size follows the model's (given, else its default) unless the recipe sets it.
+    *section, last = recipe_type.image_size_key.split(".")
+    sized = raw
+    for part in section:
+        sized = sized.get(part) or {} if isinstance(sized, dict) else {}
+    size = sized.get(last) if isinstance(sized, dict) else None
+    if size is None:
+        size = list(_field_default(recipe_type, recipe_type.image_size_key))
+    elif isinstance(size, int):
+        size = sized[last] = [size, size]
+    if isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        # (a malformed size is left for the model's section to report, under its own key)
+        raw.setdefault("data", {}).setdefault("transform", {}).setdefault("image_size", size)
     try:
-        return build(RECIPE_TYPES[task], raw)
+        return build(recipe_type, raw)
     except ConfigError as err:
         raise ConfigError(f"{blame(path, err.key, overrides)}: {err}", err.key) from None
+
+
+def _field_default(cls: type, dotted: str) -> Any:
+    """The default of a dotted key of a config dataclass (``model.encoder.image_size`` of a recipe type),
+    following the sections' declared types."""
+    *sections, last = dotted.split(".")
+    for part in sections:
+        cls = get_type_hints(cls)[part]
+    f = cls.__dataclass_fields__[last]
+    return f.default_factory() if f.default is MISSING else f.default
 
 
 def blame(path: Path, key: str | None, overrides: Mapping[str, Any]) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning as L
 
 from pipeline.recipe import load_recipe
-from pipeline.stages.pretrain import pretrain
+from pipeline.stages.train import train as pretrain
 
 
 def _option(name: str) -> str | None:

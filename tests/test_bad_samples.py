@@ -20,7 +20,7 @@ from pipeline.data import ShardStream, StreamConfig, StreamLoader, TransformConf
 from pipeline.data.bad_samples import BadSampleTally, TooManyBadSamples, judge_bad_samples, too_many_bad
 from pipeline.data.sharding import index_shards
 from pipeline.recipe import load_recipe
-from pipeline.stages.pretrain import pretrain
+from pipeline.stages.train import train as pretrain
 from pipeline.tasks.supervised import drop_unusable_labels
 
 # What a sample of each kind carries besides its image; None: no .cls member at all.

@@ -163,3 +163,23 @@ def test_training_on_a_terminal_shows_step_loss_and_images_per_s(fmnist_shards, 
     assert "v_num" not in tty
     for noise in ("srun", "litlogger", "LeafSpec", "weights_only", "GPU available", "Creating initial MLflow"):
         assert noise not in tty, noise
+
+
+HEAVY = ("torch", "lightning", "deepspeed", "timm")
+
+
+@pytest.mark.parametrize("argv", [
+    ["submit", "--target", "slurm", "--config", "mae/vit_large16", "--nodes", "2", "--gpus-per-node", "8",
+     "--dry-run"],
+    ["submit", "--target", "k8s", "--config", "deit/deit_base16", "--nodes", "2", "--dry-run"],
+    ["recipes"],
+    ["recipes", "show", "finetune/vit_base16"],
+    ["--help"],
+], ids=["submit-slurm", "submit-k8s", "recipes", "recipes-show", "help"])
+def test_rendering_and_listing_import_no_training_stack(argv, child_env):
+    """`submit --dry-run`, `recipes` and `--help` only read configs: the training stack stays out of the process
+    (it took seconds to import before a job file could be rendered)."""
+    code = (f"import sys\nfrom pipeline.cli import main\ntry:\n    rc = main({argv!r})\nexcept SystemExit as e:\n"
+            f"    rc = e.code\nprint('RC', rc, 'HEAVY', [m for m in {HEAVY!r} if m in sys.modules])")
+    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=child_env, timeout=120)
+    assert "RC 0 HEAVY []" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]

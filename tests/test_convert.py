@@ -14,10 +14,16 @@ from safetensors.torch import save_file
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
-from pipeline.checkpoint.export import load_encoder, read_metadata, write_export
+from pipeline.exports.vit import load_encoder, read_metadata, write_export
 from pipeline.models import MAE, DecoderConfig, MAEConfig, ViTConfig, ViTEncoder
-from pipeline.models.convert import (IMAGENET_NORMALISATION, import_encoder, import_mae, timm_kwargs,
-                                     to_timm_state_dict, write_timm)
+from pipeline.models.convert import (
+    IMAGENET_NORMALISATION,
+    import_encoder,
+    import_mae,
+    timm_kwargs,
+    to_timm_state_dict,
+    write_timm,
+)
 
 TIMM_TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
 

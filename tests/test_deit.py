@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint.export import encoder_config
-from pipeline.models.deit import DistilledViT
+from pipeline.exports.vit import encoder_config
 from pipeline.models.config import ViTConfig
+from pipeline.models.deit import DistilledViT
 from pipeline.models.vit import ViTEncoder
 from pipeline.tasks.config import DistillConfig, MixupConfig
 from pipeline.tasks.distill import distillation_loss

@@ -6,15 +6,16 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline.checkpoint.export import export_checkpoint, load_classifier, write_classifier_export
 from pipeline.checkpoint.state import read_callback_state
-from pipeline.models.deit import DistilledViT
+from pipeline.exports.vit import load_classifier, write_classifier_export
 from pipeline.models.classifier import ViTClassifier
 from pipeline.models.config import ViTConfig
+from pipeline.models.deit import DistilledViT
 from pipeline.models.vit import ViTEncoder
 from pipeline.recipe import load_recipe
 from pipeline.registry import resolve_model
-from pipeline.stages.pretrain import pretrain
+from pipeline.stages.export import export_checkpoint
+from pipeline.stages.train import train as pretrain
 
 pytestmark = pytest.mark.slow
 FMNIST = {"mean": [0.286] * 3, "std": [0.353] * 3}
@@ -140,7 +141,7 @@ def test_cnn_teacher_trained_and_registered_by_the_pipeline_teaches_a_student(fm
     """The acceptance chain in miniature: classify/resnet_fmnist registers a timm CNN, a DeiT student distils
     from it by alias; the teacher the student used is the registered one (same logits as the checkpoint's)."""
     from pipeline.checkpoint.state import read_module_state, submodule_state
-    from pipeline.checkpoint.timm_export import build_timm
+    from pipeline.exports.timm_classifier import build_timm
     from pipeline.registry.teacher import load_teacher
     from pipeline.tasks.config import TeacherConfig
 

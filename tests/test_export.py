@@ -6,10 +6,10 @@ import subprocess
 
 import pytest
 import torch
+from conftest import PYTHON, tiny_overrides
 from safetensors.torch import load_file
 
-from conftest import PYTHON, tiny_overrides
-from pipeline.checkpoint import load_encoder
+from pipeline.exports.vit import load_encoder
 from pipeline.models import MAE
 from pipeline.recipe import load_recipe
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_overrides
 from mlflow import MlflowClient
 
-from conftest import tiny_overrides
-from pipeline.checkpoint.export import load_classifier
+from pipeline.exports.vit import load_classifier
 from pipeline.models import ViTConfig, ViTEncoder
 from pipeline.models.classifier import ViTClassifier, set_drop_path
+from pipeline.objectives.hooks import held_out_top1
 from pipeline.recipe import load_recipe
 from pipeline.registry import resolve_model
-from pipeline.stages.finetune import finetune
-from pipeline.stages.held_out import held_out_top1
-from pipeline.stages.pretrain import pretrain
+from pipeline.stages.train import train as finetune
+from pipeline.stages.train import train as pretrain
 from pipeline.tasks.optim import layer_decay_groups
 
 
@@ -84,5 +84,5 @@ def test_finetune_from_the_registry_at_another_resolution(fmnist_shards, tmp_pat
     ref = resolve_model("models:/clf@x", uri)
     model = load_classifier(ref.folder)
     assert model.encoder.pos_embed.meta()["grid"] == [6, 6]
-    assert held_out_top1(model, recipe)[0] == pytest.approx(top1)
+    assert held_out_top1(model, recipe, recipe.model.eval_crop_pct, recipe.model.eval_limit)[0] == pytest.approx(top1)
     assert float(ref.tags["vitpipe.eval.finetune_top1"]) == pytest.approx(top1, abs=1e-4)

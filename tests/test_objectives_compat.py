@@ -26,7 +26,7 @@ def legacy_run(tmp_path_factory) -> Path:
 
 
 def test_legacy_checkpoint_resumes(legacy_run: Path):
-    from pipeline.stages.pretrain import pretrain
+    from pipeline.stages.train import train as pretrain
 
     work = legacy_run
     recipe = load_recipe(str(work / "ckpt" / "config.yaml"), {
@@ -38,8 +38,8 @@ def test_legacy_checkpoint_resumes(legacy_run: Path):
 
 
 def test_legacy_checkpoint_exports(legacy_run: Path, tmp_path: Path):
-    from pipeline.checkpoint import export_checkpoint
-    from pipeline.checkpoint.export import load_encoder, load_mae
+    from pipeline.exports.vit import load_encoder, load_mae
+    from pipeline.stages.export import export_checkpoint
 
     out = export_checkpoint(legacy_run / "ckpt" / "step-00000002", tmp_path / "export")
     encoder = load_encoder(out)

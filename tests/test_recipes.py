@@ -90,7 +90,7 @@ def test_big_deit_recipes_keep_the_papers_settings(name):
 
 @pytest.mark.parametrize("name", CLASSIFY_RECIPES)
 def test_classify_recipes_build_a_timm_model_offline(name):
-    from pipeline.checkpoint.timm_export import build_timm
+    from pipeline.exports.timm_classifier import build_timm
 
     r = load_recipe(name)
     assert r.task == "classify" and r.register.name

@@ -9,19 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from mlflow import MlflowClient
-
 from conftest import PYTHON, tiny_overrides
+from mlflow import MlflowClient
 from mlflow_server import mlflow_server  # noqa: F401  (fixture)
-from pipeline.checkpoint import export_checkpoint
+
 from pipeline.config import ConfigError
-from pipeline.checkpoint.export import load_encoder
 from pipeline.evaluation import LinearProbeConfig
+from pipeline.evaluation.config import EvalConfig
+from pipeline.exports.vit import load_encoder
 from pipeline.recipe import load_recipe
 from pipeline.registry import ModelError, load_model_encoder, register_export, resolve_model
-from pipeline.evaluation.config import EvalConfig
 from pipeline.stages.evaluate import evaluate_model
-from pipeline.stages.pretrain import pretrain
+from pipeline.stages.export import export_checkpoint
+from pipeline.stages.train import train as pretrain
 from pipeline.tracking import TrackingConfig
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline.checkpoint.export import write_export
 from pipeline.cli import main
+from pipeline.exports.vit import write_export
 from pipeline.models import ViTConfig, ViTEncoder
 from pipeline.models.pos_embed import grid_change
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mlflow import MlflowClient
-
 from mlflow_server import mlflow_server  # noqa: F401  (fixture)
-from pipeline.checkpoint.export import write_classifier_export
-from pipeline.checkpoint.timm_export import build_timm, write_timm_export
+
+from pipeline.exports.timm_classifier import build_timm, write_timm_export
+from pipeline.exports.vit import write_classifier_export
 from pipeline.models.classifier import ViTClassifier
 from pipeline.models.config import ViTConfig
 from pipeline.models.vit import ViTEncoder

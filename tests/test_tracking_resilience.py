@@ -8,12 +8,12 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from conftest import tiny_overrides
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.tracking import MlflowClient
-
-from conftest import tiny_overrides
 from mlflow_server import mlflow_server  # noqa: F401 - the fixture
+
 from pipeline.stages.ui import browse_command
 from pipeline.tracking import TrackingConfig, make_logger
 from pipeline.tracking.mlflow_setup import ResilientMLFlowLogger, tracking_failures
@@ -213,7 +213,7 @@ class StopServerAt(L.Callback):
 @pytest.mark.slow
 def test_training_outlives_the_tracking_server(mlflow_server, fmnist_shards, tmp_path):
     from pipeline.recipe import load_recipe
-    from pipeline.stages.pretrain import pretrain
+    from pipeline.stages.train import train as pretrain
 
     o = tiny_overrides(fmnist_shards, tmp_path, **{
         "trainer.max_steps": 20, "trainer.global_batch": 8, "trainer.log_every_n_steps": 1,

@@ -224,7 +224,8 @@ def test_zero_checkpoint_changes_world_size(runs, stage, fmnist_shards, tmp_path
 
 def test_consolidated_zero3_export_loads_strictly_and_matches_ddp(runs, tmp_path):
     """The ZeRO-3 checkpoint, consolidated from its shards, is the DDP run's model (their losses are equal)."""
-    from pipeline.checkpoint.export import export_checkpoint, load_encoder, load_mae
+    from pipeline.exports.vit import load_encoder, load_mae
+    from pipeline.stages.export import export_checkpoint
 
     models = {}
     for name in ("ddp", 3):
@@ -276,11 +277,12 @@ def test_finetune_under_zero3_evaluates_and_registers_the_trained_weights(runs, 
     """The classifier is read back from the sharded checkpoint: no process holds all of it in memory."""
     from mlflow import MlflowClient
 
-    from pipeline.checkpoint.export import export_checkpoint, load_classifier
     from pipeline.checkpoint.state import read_module_state, submodule_state
+    from pipeline.exports.vit import load_classifier
+    from pipeline.objectives.hooks import held_out_top1
     from pipeline.recipe import load_recipe
     from pipeline.registry import resolve_model
-    from pipeline.stages.held_out import held_out_top1
+    from pipeline.stages.export import export_checkpoint
 
     monkeypatch.setenv("VITPIPE_CACHE", str(tmp_path / "cache"))
     init = export_checkpoint(runs[3] / "ckpt" / f"step-{STEPS:08d}", tmp_path / "init")
@@ -304,13 +306,13 @@ def test_finetune_under_zero3_evaluates_and_registers_the_trained_weights(runs, 
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, trained[name]), name
     top1 = MlflowClient(uri).get_run(ref.run_id).data.metrics["val/top1"]
-    assert held_out_top1(model, load_recipe("finetune/tiny_fmnist", overrides))[0] == pytest.approx(top1)
+    assert held_out_top1(model, (r := load_recipe("finetune/tiny_fmnist", overrides)), r.model.eval_crop_pct, r.model.eval_limit)[0] == pytest.approx(top1)
 
 
 def test_deit_student_with_a_teacher_under_zero2_equals_ddp(fmnist_shards, tmp_path, child_env):
     """The DeiT task on the same strategies: a soft-distilled student (teacher outside the engine, RandAugment,
     mixup, drop path) gives the same per-rank losses under ZeRO-2 as under DDP, and both end evaluated."""
-    from pipeline.checkpoint.export import write_classifier_export
+    from pipeline.exports.vit import write_classifier_export
     from pipeline.models.classifier import ViTClassifier
     from pipeline.models.config import ViTConfig
     from pipeline.models.vit import ViTEncoder

@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 
 from ..data.storage import StorageError
-from ..distributed.shared_fs import folder_owner
 from .mirror import Mirror, files_of_rank
+from .shared_fs import folder_owner
 from .store import STATE, CheckpointConfig, commit, partial_dir, prune, step_dir
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import lightning as L
 
-from ..distributed.shared_fs import folder_owner
 from .mirror import Mirror
+from .shared_fs import folder_owner
 from .store import STEP_DIR, CheckpointConfig, complete_checkpoints, resolve_resume, step_dir
 
 log = logging.getLogger(__name__)

@@ -93,6 +93,14 @@ def latest_complete(root: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def committed_step(checkpoint: str | Path) -> Path:
+    """A complete step folder: ``checkpoint`` itself, or a checkpoint folder's newest complete step."""
+    step = latest_complete(checkpoint) or Path(checkpoint)
+    if not (step / MARKER).is_file():
+        raise FileNotFoundError(f"{checkpoint}: no complete checkpoint (no {MARKER} marker)")
+    return step
+
+
 def commit(tmp: Path, final: Path, step: int) -> Path:
     """Write the marker last, then move the folder into its final name (atomic on one filesystem)."""
     (tmp / MARKER).write_text(marker_text(step))

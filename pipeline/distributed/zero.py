@@ -15,9 +15,9 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.strategies.deepspeed import _validate_device_index_selection
 
+from ..checkpoint.shared_fs import folder_owner
 from ..checkpoint.state import DEEPSPEED_TAG
 from .reshard import UNIVERSAL_TAG, ensure_universal, repair_stage3_universal_load, saved_world_size
-from .shared_fs import folder_owner
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Registered models: put an export folder into the MLflow model registry, and get it back by URI.
 
 A model version's source is the ``export/`` artifact folder of the run that trained it: the safetensors
-weights and ``metadata.json`` written by ``checkpoint.export`` (never the training checkpoint, whose
+weights and ``metadata.json`` written by the objective that trained it (``pipeline.exports``) (never the training checkpoint, whose
 optimizer state is of no use downstream). We store plain files rather than an MLflow "flavor": the
 PyTorch flavor's default pt2 serialisation specialises on the example's batch size, and our loader needs
 the position-embedding metadata anyway.
@@ -20,10 +20,12 @@ from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 
-from ..checkpoint.export import load_encoder, read_metadata
+from ..exports.files import read_metadata
+from ..exports.vit import load_encoder
 from ..models import ViTEncoder
 from ..models.config import grid_of
 from ..models.pos_embed import GridChange, grid_change
+from ..objectives.registry import objective_of_export
 from .lineage import RECIPE_HASH, RUN_ID, version_tags
 
 EXPORT_ARTIFACT = "export"
@@ -151,8 +153,10 @@ def _checked(ref: ModelRef) -> ModelRef:
         raise ModelError(f"{ref.uri}: unreadable metadata: {err}") from None
     if "normalisation" not in meta:
         raise ModelError(f"{ref.uri}: metadata.json has no 'normalisation' section")
-    if "encoder" not in meta and "timm" not in meta:
-        raise ModelError(f"{ref.uri}: metadata.json describes no model (neither an 'encoder' nor a 'timm' section)")
+    try:
+        objective_of_export(meta, ref.uri)
+    except ValueError as err:  # ConfigError too: an objective nobody registered
+        raise ModelError(str(err)) from None
     tagged = ref.tags.get(RECIPE_HASH)
     if tagged and meta.get("recipe_hash") and tagged != meta["recipe_hash"]:
         raise ModelError(f"{ref.uri}: metadata recipe hash {meta['recipe_hash']} differs from the version's "

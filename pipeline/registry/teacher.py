@@ -1,7 +1,7 @@
 """The DeiT teacher: any classifier the pipeline can load without a network, frozen, fed the student's batch.
 
 Sources: a registered model (``models:/name@alias`` or ``models:/name/3``) or an export folder holding a
-fine-tuned ViT classifier or a timm classifier (``timm_export``); or ``timm:<arch>`` with a local weights file.
+fine-tuned ViT classifier or a timm classifier (``exports.timm_classifier``); or ``timm:<arch>`` with a local weights file.
 The student's normalised images are re-normalised to the teacher's statistics and resized to its input size.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from ..checkpoint.export import load_classifier
-from ..checkpoint.timm_export import build_timm, load_timm_classifier
+from ..exports.timm_classifier import build_timm, load_timm_classifier
+from ..exports.vit import load_classifier
 from ..tasks.config import TeacherConfig
 from .models import ModelError, resolve_model
 

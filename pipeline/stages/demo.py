@@ -9,16 +9,16 @@ from pathlib import Path
 import torch
 from mlflow import MlflowClient
 
-from ..checkpoint.export import encoder_config
 from ..console import vitpipe_executable
 from ..data.manifest import MANIFEST_NAME
 from ..evaluation.config import EvalConfig
 from ..evaluation.features import encoder_embedding, pixel_embedding
+from ..exports.vit import encoder_config
 from ..models import ViTEncoder
 from ..recipe import load_recipe
-from .evaluate import evaluate_embedding, evaluate_model, transform_for
-from .pretrain import pretrain
+from .evaluate import evaluate_embedding, evaluate_model
 from .shard import shard_fashion_mnist
+from .train import train
 
 DEMO_RECIPE = "mae/tiny_fmnist"
 FINETUNE_RECIPE = "finetune/tiny_fmnist"
@@ -49,7 +49,7 @@ def demo(workdir: str = "vitpipe-demo", steps: int | None = None, overrides: dic
     (work / "mlflow").mkdir(parents=True, exist_ok=True)
     recipe = load_recipe(DEMO_RECIPE, settings)
     print(f"demo: pretraining recipe {DEMO_RECIPE} for {recipe.trainer.max_steps} steps on CPU")
-    trained = pretrain(recipe, resume=resume)
+    trained = train(recipe, resume=resume)
 
     model_uri = f"models:/{recipe.register.name}@{recipe.register.alias}"
     cfg = EvalConfig(train=str(shards / "train"), val=str(shards / "val"), max_train=eval_train,
@@ -57,7 +57,7 @@ def demo(workdir: str = "vitpipe-demo", steps: int | None = None, overrides: dic
     print(f"demo: evaluating {model_uri} (kNN k={cfg.knn.k}, linear probe) on {eval_train} train / "
           f"{eval_val} held-out images, and the baselines on the same images")
     result = evaluate_model(model_uri, cfg, recipe.tracking)
-    transform = transform_for(result.ref, cfg)
+    transform = result.transform
     torch.manual_seed(recipe.seed)
     random_init = ViTEncoder(encoder_config(result.ref.metadata()["encoder"]))  # same architecture, fresh init
     rows = {"MAE-pretrained encoder": result.metrics,

@@ -3,8 +3,8 @@ logged to an MLflow run linked to the training run, and attached to the model ve
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from mlflow import MlflowClient
@@ -13,9 +13,9 @@ from mlflow.entities import Metric, Param
 from ..config import flatten, to_dict
 from ..evaluation import knn_accuracy, train_linear_probe
 from ..evaluation.config import EvalConfig
-from ..evaluation.features import EvalTransform, LabelledSplit, encoder_embedding, extract
-from ..registry import ModelRef, load_model_encoder, resolve_model, tag_version
-from ..registry.models import resolution_change
+from ..evaluation.features import EvalTransform, LabelledSplit, extract
+from ..objectives.registry import objective_of_export
+from ..registry import ModelError, ModelRef, resolve_model, tag_version
 from ..tracking import TrackingConfig, resolve_uri
 from ..tracking.secrets import scrub, scrub_url
 from ..tracking.stores import require_store
@@ -27,6 +27,8 @@ class EvalResult:
     run_id: str
     ref: ModelRef
     """The evaluated model, resolved (its files are local)."""
+    transform: EvalTransform
+    """The images' preprocessing it was evaluated with (for baselines measured on the same images)."""
 
 
 def evaluate_embedding(embed: Callable[[torch.Tensor], torch.Tensor], cfg: EvalConfig, transform: EvalTransform,
@@ -49,13 +51,6 @@ def evaluate_embedding(embed: Callable[[torch.Tensor], torch.Tensor], cfg: EvalC
     return metrics
 
 
-def transform_for(ref: ModelRef, cfg: EvalConfig) -> EvalTransform:
-    meta = ref.metadata()
-    norm = meta["normalisation"]
-    size = tuple(cfg.image_size or meta["encoder"]["image_size"])
-    return EvalTransform(size, norm["mean"], norm["std"], cfg.crop_pct)
-
-
 def evaluate_model(model_uri: str, cfg: EvalConfig, tracking: TrackingConfig,
                    experiment: str | None = None) -> EvalResult:
     """Evaluate ``model_uri``; the run goes to ``experiment``, by default the training run's experiment,
@@ -64,20 +59,22 @@ def evaluate_model(model_uri: str, cfg: EvalConfig, tracking: TrackingConfig,
     registered = model_uri.startswith("models:/")
     uri = resolve_uri(tracking, where="--tracking-uri", create=not registered)
     ref = resolve_model(model_uri, require_store(uri) if registered else uri)
-    change = resolution_change(ref, cfg.image_size)
-    if change is not None:
-        print(f"evaluate {model_uri}: {change}")
-    encoder = load_model_encoder(ref, cfg.image_size)
-    metrics = evaluate_embedding(encoder_embedding(encoder, cfg.pool), cfg, transform_for(ref, cfg))
+    objective = objective_of_export(ref.metadata(), ref.uri)
+    if objective.features is None:
+        raise ModelError(f"{model_uri}: a {objective.name} model, and that objective gives no features to evaluate")
+    emb = objective.features(ref, cfg)
+    for note in emb.notes:
+        print(f"evaluate {model_uri}: {note}")
+    transform = EvalTransform(emb.image_size, emb.normalisation["mean"], emb.normalisation["std"], cfg.crop_pct)
+    metrics = evaluate_embedding(emb.embed, cfg, transform)
     client = MlflowClient(uri)
-    extra = {"eval.position_resample": str(change)} if change is not None else {}
-    run_id = log_evaluation(client, ref, cfg, metrics, experiment, extra)
+    run_id = log_evaluation(client, ref, cfg, metrics, experiment, dict(emb.params))
     tag_version(client, ref, {f"vitpipe.eval.{k}": f"{v:.4f}" for k, v in metrics.items() if k.endswith("top1")}
                 | {"vitpipe.eval.run_id": run_id})
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("top1"))
     print(f"evaluate {model_uri}: {shown} on {int(metrics['val_samples'])} held-out samples "
           f"({int(metrics['train_samples'])} train); MLflow run {run_id} at {scrub_url(uri)}")
-    return EvalResult(metrics, run_id, ref)
+    return EvalResult(metrics, run_id, ref, transform)
 
 
 def log_evaluation(client: MlflowClient, ref: ModelRef, cfg: EvalConfig, metrics: dict[str, float],

@@ -8,22 +8,21 @@ from typing import Any
 import yaml
 from mlflow import MlflowClient
 
-from ..checkpoint import export_checkpoint, latest_complete
-from ..checkpoint.store import CONFIG, MARKER, RUN_ID
+from ..checkpoint.store import CONFIG, RUN_ID, committed_step
 from ..config import build
+from ..objectives.trained import exports_dir
 from ..registry import register_export
 from ..tracking import TrackingConfig, resolve_uri
 from ..tracking.secrets import scrub_url
 from ..tracking.stores import require_store
+from .export import export_checkpoint
 
 
 def register_checkpoint(checkpoint: str | Path, name: str, alias: str = "candidate",
                         tracking_uri: str | None = None) -> Any:
     """``checkpoint``: a step folder or a checkpoint directory (its newest complete step is used).
     The MLflow run is the one that wrote the checkpoints; the tracking URI is the recipe's unless given."""
-    step = latest_complete(checkpoint) or Path(checkpoint)
-    if not (step / MARKER).is_file():
-        raise FileNotFoundError(f"{checkpoint}: no complete checkpoint to register")
+    step = committed_step(checkpoint)
     run_file = step.parent / RUN_ID
     if not run_file.is_file():
         raise FileNotFoundError(f"{run_file}: missing; cannot tell which MLflow run trained {step}")
@@ -35,7 +34,7 @@ def register_checkpoint(checkpoint: str | Path, name: str, alias: str = "candida
     else:  # credentials in the given URI are taken like a recipe's, and never printed
         tracking_uri = resolve_uri(TrackingConfig(uri=tracking_uri), where="--tracking-uri", create=False)
     require_store(tracking_uri)  # the store holding the run that wrote the checkpoints
-    export_dir = step.parent / "exports" / step.name
+    export_dir = exports_dir(step)
     if not (export_dir / "metadata.json").is_file():
         export_checkpoint(step, export_dir)
     version = register_export(MlflowClient(tracking_uri), export_dir, run_id, name, alias)

@@ -1,5 +1,4 @@
-"""Export a committed checkpoint (or imported weights, ``write_export``) to safetensors weights plus a
-metadata file, and load them back.
+"""The ViT export folder (MAE, DeiT, fine-tuned classifiers, imported weights): write it and load it back.
 
 ``<out>/encoder.safetensors``   the ViT encoder alone (what fine-tuning and evaluation use)
 ``<out>/mae.safetensors``       the full MAE, decoder included
@@ -11,80 +10,40 @@ model on load: loading at another image size resamples from the recorded grid, n
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..config import build, digest, to_dict
+from ..config import build, to_dict
 from ..models import MAE, MAEConfig, ViTConfig, ViTEncoder
 from ..models.classifier import ViTClassifier
 from ..models.config import DecoderConfig
 from ..models.deit import DistilledViT
-from .state import read_module_state, submodule_state
-from .store import CONFIG, MARKER, STATE
-
-FORMAT = "vitpipe.export/1"
-
-
-def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # contiguous clones: safetensors refuses shared or strided storage
-    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()
-            if isinstance(v, torch.Tensor)}
-
-
-def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
-    """Committed checkpoint folder (``step-N/``) -> ``out`` with safetensors files and ``metadata.json``."""
-    ckpt, out = Path(checkpoint), Path(out)
-    if not (ckpt / MARKER).is_file():
-        raise FileNotFoundError(f"{ckpt}: not a complete checkpoint (no {MARKER} marker)")
-    recipe = yaml.safe_load((ckpt / CONFIG).read_text())
-    transform = recipe.get("data", {}).get("transform", {})
-    normalisation = {"mean": transform.get("mean"), "std": transform.get("std")}
-    extra = {"recipe_name": recipe.get("name"), "recipe_hash": digest(recipe),
-             "step": json.loads((ckpt / MARKER).read_text())["step"], "source_checkpoint": str(ckpt.resolve())}
-    if recipe.get("task") == "deit":  # a DeiT student: encoder + both heads
-        m = recipe["model"]
-        model = DistilledViT(ViTEncoder(build(ViTConfig, m["encoder"], "model.encoder")), m["num_classes"],
-                             m.get("head", "both"))
-        model.load_state_dict(submodule_state(read_module_state(ckpt / STATE)))
-        return write_classifier_export(out, model, normalisation, extra)
-    model = MAE(build(MAEConfig, recipe["model"], "model"))
-    model.load_state_dict(submodule_state(read_module_state(ckpt / STATE)))
-    return write_export(out, model.encoder, model, normalisation=normalisation, extra=extra)
+from .files import read_metadata, save_weights, write_metadata
 
 
 def write_export(out: str | Path, encoder: ViTEncoder, mae: MAE | None = None,
-                 normalisation: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """The one writer of an export folder: ``encoder.safetensors``, ``mae.safetensors`` when ``mae`` is given
+                 normalisation: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                 objective: str = "mae") -> Path:
+    """The one writer of a ViT export folder: ``encoder.safetensors``, ``mae.safetensors`` when ``mae`` is given
     (its encoder should be ``encoder``), and ``metadata.json``.
 
     normalisation: {"mean": [...], "std": [...]} of the input transform (None: unknown). extra: entries
     appended to the metadata: recipe name / hash and step for a trained checkpoint, ``source`` for imports.
+    objective: the objective that trained it (its features hook reads the folder for evaluation).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(_tensors(encoder), str(out / "encoder.safetensors"))
-    meta: dict[str, Any] = {"format": FORMAT, "encoder": encoder.meta()}
+    save_weights(encoder, out / "encoder.safetensors")
+    meta: dict[str, Any] = {"encoder": encoder.meta()}
     if mae is not None:
-        save_file(_tensors(mae), str(out / "mae.safetensors"))
+        save_weights(mae, out / "mae.safetensors")
         meta["mae"] = {"decoder": to_dict(mae.cfg.decoder), "mask_ratio": mae.cfg.mask_ratio,
                        "norm_pix_loss": mae.cfg.norm_pix_loss, "encoder_mask_tokens": mae.cfg.encoder_mask_tokens}
     meta["normalisation"] = normalisation or {"mean": None, "std": None}
-    meta.update(extra or {})
-    (out / "metadata.json").write_text(json.dumps(meta, indent=1))
-    return out
-
-
-def read_metadata(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / "metadata.json"
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
-    return meta
+    return write_metadata(out, objective, {**meta, **(extra or {})})
 
 
 def encoder_config(meta: dict[str, Any], image_size: tuple[int, int] | None = None) -> ViTConfig:
@@ -131,7 +90,7 @@ def load_mae(folder: str | Path) -> MAE:
 
 
 def write_classifier_export(out: str | Path, model: ViTClassifier | DistilledViT, normalisation: dict[str, Any] | None,
-                            extra: dict[str, Any] | None = None) -> Path:
+                            extra: dict[str, Any] | None = None, objective: str = "finetune") -> Path:
     """A trained classifier: the usual encoder export plus ``head.safetensors`` (a fine-tuned classifier's pooling
     norm and head, or a DeiT model's two heads) and a ``classifier`` metadata entry, so evaluation and
     fine-tuning load its encoder as any other, and a DeiT student can use it as a teacher."""
@@ -140,9 +99,9 @@ def write_classifier_export(out: str | Path, model: ViTClassifier | DistilledViT
         info = {"num_classes": model.num_classes, "pool": "cls", "distilled": True, "head": model.head_mode}
     else:
         parts, info = ("fc_norm", "head"), {"num_classes": model.num_classes, "pool": model.pool}
-    head = {f"{part}.{k}": v for part in parts for k, v in _tensors(getattr(model, part)).items()}
-    out = write_export(out, model.encoder, None, normalisation, {"classifier": info, **(extra or {})})
-    save_file(head, str(Path(out) / "head.safetensors"))
+    head = torch.nn.ModuleDict({part: getattr(model, part) for part in parts})  # keys "<part>.<name>"
+    out = write_export(out, model.encoder, None, normalisation, {"classifier": info, **(extra or {})}, objective)
+    save_weights(head, Path(out) / "head.safetensors")
     return out
 
 

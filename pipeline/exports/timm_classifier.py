@@ -2,15 +2,14 @@
 metadata that rebuilds it offline (architecture, classes, channels, input size, normalisation)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .export import FORMAT, _tensors, read_metadata
+from .files import read_metadata, save_weights, write_metadata
 
 WEIGHTS = "model.safetensors"
 
@@ -20,12 +19,10 @@ def write_timm_export(out: str | Path, arch: str, model: torch.nn.Module, num_cl
                       extra: dict[str, Any] | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(_tensors(model), str(out / WEIGHTS))
-    meta = {"format": FORMAT, "timm": {"arch": arch, "num_classes": num_classes, "in_chans": in_chans,
-                                       "image_size": list(image_size)},
+    save_weights(model, out / WEIGHTS)
+    meta = {"timm": {"arch": arch, "num_classes": num_classes, "in_chans": in_chans, "image_size": list(image_size)},
             "normalisation": normalisation, **(extra or {})}
-    (out / "metadata.json").write_text(json.dumps(meta, indent=1))
-    return out
+    return write_metadata(out, "classify", meta)
 
 
 def build_timm(arch: str, num_classes: int, in_chans: int) -> torch.nn.Module:

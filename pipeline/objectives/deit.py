@@ -1,0 +1,89 @@
+"""DeiT-style supervised training of a ViT student with a distillation token, with or without a teacher
+(Touvron et al., 2021); at the end, the held-out top-1 of its weights and of their moving average."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from ..recipe import RunRecipe
+from ..tasks.config import DeiTConfig, OptimConfig
+from .hooks import classifier_after_training, encoder_features, held_out_top1
+from .spec import Objective, Training
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from torch import nn
+
+    from ..stages.run_record import TrainResult
+    from ..stages.train import RunPlan
+
+
+@dataclass
+class DeiTRecipe(RunRecipe):
+    """DeiT-style supervised pretraining, with or without a teacher. DeiT's lr is 5e-4 x batch / 512, i.e.
+    base_lr 2.5e-4 under the batch / 256 rule."""
+
+    image_size_key: ClassVar[str] = "model.encoder.image_size"
+    labelled = True
+    task: Literal["deit"] = "deit"
+    model: DeiTConfig = field(default_factory=DeiTConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(base_lr=2.5e-4, betas=(0.9, 0.999),
+                                                                   warmup_epochs=5.0, min_lr=1e-5))
+
+
+def build(recipe: DeiTRecipe, plan: RunPlan) -> Training:
+    from ..registry.teacher import load_teacher
+    from ..tasks.deit import DeiTTask
+    from ..tasks.ema import WeightEMA
+    from ..tracking import resolve_uri
+
+    m = recipe.model
+    teacher, tags = None, {"vitpipe.distill": m.distill.kind}
+    if m.distill.kind != "none":  # loaded offline: the registry, an export folder or a local timm file
+        teacher = load_teacher(m.teacher, resolve_uri(recipe.tracking), recipe.normalisation())
+        tags["vitpipe.teacher"] = m.teacher.model
+    task = DeiTTask(m, recipe.optim, plan.schedule, teacher)
+    task.model.encoder.grad_checkpointing = recipe.trainer.activation_checkpointing
+    return Training(task, [WeightEMA(m.ema_decay)] if m.ema_decay else [], tags)
+
+
+def build_model(recipe: DeiTRecipe) -> nn.Module:
+    from ..models.deit import DistilledViT
+    from ..models.vit import ViTEncoder
+
+    m = recipe.model
+    return DistilledViT(ViTEncoder(m.encoder), m.num_classes, m.head)
+
+
+def write_export(out: Path, model: nn.Module, recipe: DeiTRecipe, meta: dict[str, Any]) -> Path:
+    """The student's encoder and both heads: evaluation and fine-tuning load its encoder, a later DeiT run can
+    use it as a teacher."""
+    from ..exports.vit import write_classifier_export
+
+    return write_classifier_export(out, model, meta["normalisation"], meta, objective="deit")
+
+
+def after_training(objective: Objective, recipe: DeiTRecipe, result: TrainResult) -> None:
+    """Held-out top-1 (and registration) of the trained weights, then of their moving average when kept."""
+    trained = classifier_after_training(objective, recipe, result)
+    m = recipe.model
+    if trained is None or not m.ema_decay:
+        return
+    from mlflow import MlflowClient
+
+    from ..checkpoint.state import read_callback_state
+    from ..checkpoint.store import STATE
+    from ..tasks.ema import STATE_KEY as EMA_KEY
+
+    ema = read_callback_state(result.checkpoint / STATE, EMA_KEY)
+    if ema is None:
+        return
+    trained.load_state_dict({**trained.state_dict(), **ema["shadow"]})
+    top1, n = held_out_top1(trained, recipe, m.eval_crop_pct, m.eval_limit)
+    MlflowClient(result.tracking_uri).log_metric(result.run_id, "val/top1_ema", top1, step=result.global_step)
+    result.summary.add(f"deit: held-out top-1 of the weight average (decay {m.ema_decay}) {top1:.4f} on {n} samples")
+
+
+OBJECTIVE = Objective("deit", DeiTRecipe, "DeiT: a ViT student with a distillation token, with or without a teacher",
+                      build, build_model, write_export, after_training=after_training, features=encoder_features)

@@ -1,0 +1,84 @@
+"""Supervised fine-tuning of a pretrained (registered or exported) ViT encoder with a classification head:
+the MAE paper's recipe (layer-wise lr decay, drop path, mixup / cutmix, label smoothing)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..recipe import RunRecipe
+from ..tasks.config import FinetuneConfig, FinetuneOptimConfig
+from .hooks import classifier_after_training, encoder_features
+from .spec import Objective, Training
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from torch import nn
+
+    from ..registry.models import ModelRef
+    from ..stages.train import RunPlan
+
+
+@dataclass
+class FinetuneRecipe(RunRecipe):
+    """Supervised fine-tuning of a registered encoder with a classification head."""
+
+    labelled = True
+    task: Literal["finetune"] = "finetune"
+    model: FinetuneConfig = field(default_factory=FinetuneConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+
+
+def init_model(recipe: FinetuneRecipe) -> ModelRef:
+    """The pretrained model ``model.init`` names, resolved (downloaded once into the cache)."""
+    from ..registry import resolve_model
+    from ..tracking import resolve_uri
+
+    return resolve_model(recipe.model.init, resolve_uri(recipe.tracking, create=False))
+
+
+def classifier(recipe: FinetuneRecipe, ref: ModelRef) -> nn.Module:
+    from ..models.classifier import ViTClassifier, set_drop_path
+    from ..registry import load_model_encoder
+
+    m = recipe.model
+    encoder = load_model_encoder(ref, m.image_size)  # positions resampled if the resolution changed
+    set_drop_path(encoder, m.drop_path)
+    return ViTClassifier(encoder, m.num_classes, m.pool)
+
+
+def build(recipe: FinetuneRecipe, plan: RunPlan) -> Training:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from ..registry.models import resolution_change
+    from ..tasks import FinetuneTask
+
+    ref = init_model(recipe)
+    params = {}
+    if (change := resolution_change(ref, recipe.model.image_size)) is not None:
+        if rank_zero_only.rank == 0:
+            print(f"finetune {ref.uri}: {change}")
+        params["model.position_resample"] = str(change)
+    tags = {"vitpipe.init_model": ref.uri}
+    if ref.run_id:
+        tags["vitpipe.init_run"] = ref.run_id
+    if ref.name:
+        tags["vitpipe.init_model_version"] = f"{ref.name}/{ref.version}"
+    task = FinetuneTask(classifier(recipe, ref), recipe.model, recipe.optim, plan.schedule)
+    return Training(task, tags=tags, params=params)
+
+
+def build_model(recipe: FinetuneRecipe) -> nn.Module:
+    """The classifier's architecture: the init model's encoder at the fine-tuning size, and the head."""
+    return classifier(recipe, init_model(recipe))
+
+
+def write_export(out: Path, model: nn.Module, recipe: FinetuneRecipe, meta: dict[str, Any]) -> Path:
+    from ..exports.vit import write_classifier_export
+
+    return write_classifier_export(out, model, meta["normalisation"], meta, objective="finetune")
+
+
+OBJECTIVE = Objective("finetune", FinetuneRecipe, "a classification head on a pretrained ViT encoder, fine-tuned",
+                      build, build_model, write_export, after_training=classifier_after_training,
+                      features=encoder_features, verb="finetune")
