@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+from typing import get_args
 
 from .config import ConfigError
 from .console import quiet_third_party
@@ -121,13 +122,21 @@ def _parser() -> argparse.ArgumentParser:
     j = sub.add_parser("submit", help="render a stage's Slurm or Kubernetes job from jobs/ and submit (or print) it")
     j.add_argument("--target", choices=["slurm", "k8s"], required=True)
     j.add_argument("--config", required=True, help="recipe name or file, as the cluster's nodes will see it")
-    j.add_argument("--stage", choices=["pretrain", "finetune", "register", "evaluate"], default="pretrain")
-    j.add_argument("--nodes", type=int, default=1, help="nodes (default: 1); sets the recipe's trainer.num_nodes")
-    j.add_argument("--gpus-per-node", type=int, default=8,
-                   help="one process per GPU; 0: CPU processes (default: 8); sets trainer.devices and accelerator")
-    j.add_argument("--cpu-tasks-per-node", type=int, default=1,
-                   help="processes per node when --gpus-per-node 0 (default: 1)")
-    j.add_argument("--cluster", default="example", help="cluster profile: jobs/clusters/<name>.yaml or a file")
+    # Defaults live on SubmitRequest (imports no torch); the help shows them.
+    from .stages.submit import Stage, SubmitRequest
+
+    req = {name: _default(SubmitRequest, name) for name in ("stage", "nodes", "gpus_per_node", "cpu_tasks_per_node",
+                                                            "cluster")}
+    j.add_argument("--stage", choices=get_args(Stage), default=req["stage"])
+    j.add_argument("--nodes", type=int, default=req["nodes"],
+                   help=f"nodes (default: {req['nodes']}); sets the recipe's trainer.num_nodes")
+    j.add_argument("--gpus-per-node", type=int, default=req["gpus_per_node"],
+                   help=f"one process per GPU; 0: CPU processes (default: {req['gpus_per_node']}); sets "
+                        "trainer.devices and accelerator")
+    j.add_argument("--cpu-tasks-per-node", type=int, default=req["cpu_tasks_per_node"],
+                   help=f"processes per node when --gpus-per-node 0 (default: {req['cpu_tasks_per_node']})")
+    j.add_argument("--cluster", default=req["cluster"],
+                   help="cluster profile: jobs/clusters/<name>.yaml or a file (default: %(default)s)")
     j.add_argument("--job-name", help="default: <recipe>-<stage>")
     j.add_argument("--after", action="append", default=[], help="Slurm job id this job waits for (afterok)")
     j.add_argument("--chain", action="store_true", help="Slurm: submit the stage, then register, then evaluate")

@@ -11,18 +11,16 @@ A folder without its marker (an upload cut short, a deletion under way) is never
 """
 from __future__ import annotations
 
-import logging
 import re
-import time
 from functools import partial
 from pathlib import Path
 
 import fsspec
 
 from ..data.storage import StorageError, explain
+from ..retry import Attempts, RetryPolicy
 from .store import MARKER, STEP_DIR, marker_text, step_name, steps_to_prune
 
-log = logging.getLogger(__name__)
 # DeepSpeed names each data-parallel rank's files "..zero_pp_rank_<R>_mp_rank_..": that rank uploads them.
 _RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_")
 
@@ -39,11 +37,11 @@ def files_of_rank(folder: Path, rank: int) -> list[Path]:
 
 
 class Mirror:
-    def __init__(self, url: str, retries: int = 3, backoff_s: float = 2.0):
+    def __init__(self, url: str, retry: RetryPolicy | None = None):
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.root = self.root.rstrip("/")
-        self.retries, self.backoff_s = retries, backoff_s
+        self.retry = retry or RetryPolicy(retries=3, backoff_s=2.0)
 
     def step_url(self, step: int) -> str:
         return f"{self.url}/{step_name(step)}"
@@ -53,16 +51,13 @@ class Mirror:
 
     def _retrying(self, what: str, fn):
         """Object stores fail transiently: retry with backoff; a refusal (permission, missing bucket) is final."""
-        for attempt in range(self.retries + 1):
+        attempts = Attempts(self.retry, f"{self.url}: {what}", final=(PermissionError, FileNotFoundError))
+        while True:
             try:
                 return fn()
-            except (PermissionError, FileNotFoundError) as err:
-                raise explain(self.url, err, what) from None
             except OSError as err:
-                if attempt == self.retries:
+                if not attempts.retry(err):
                     raise explain(self.url, err, what) from None
-                log.warning("%s: %s failed (%s), retry %d of %d", self.url, what, err, attempt + 1, self.retries)
-                time.sleep(self.backoff_s * 2 ** attempt)
 
     # ---- listing -------------------------------------------------------------------------------------------
     def complete_steps(self) -> list[int]:

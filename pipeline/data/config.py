@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import IMAGENET_MEAN, IMAGENET_STD, flatten
+from ..retry import RetryPolicy
 from ..tracking.secrets import ENV_REFERENCE, is_secret_key
 
 # timm's RandAugment spec: "rand" then "-"-separated options m<int>, n<int>, p<float>, mstd<float>, mmax<int>,
@@ -46,7 +47,7 @@ class TransformConfig:
 
 
 @dataclass
-class ReadRetry:
+class ReadRetry(RetryPolicy):
     """How a shard read that fails as if the store were unreachable is retried."""
 
     retries: int = 6

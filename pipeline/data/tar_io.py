@@ -20,6 +20,7 @@ import fsspec
 from webdataset import TarWriter
 from webdataset.tariterators import base_plus_ext
 
+from ..retry import Attempts
 from .config import ReadRetry
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,8 @@ def read_segment(url: str, first: int, count: int, retry: ReadRetry,
     After a transient error the shard is opened again and the samples already yielded are read past, not
     yielded again: the stream continues where it was. A permanent error, or a transient one that outlasts
     the retries, ends the segment: the samples left are yielded as None (counted as skipped downstream)."""
-    got, failures = 0, 0
+    got = 0
+    attempts = Attempts(retry, f"shard {url}", final=PERMANENT, sleep=sleep)
     while got < count:
         try:
             for i, sample in enumerate(iter_raw_samples(url, retry.block_size)):
@@ -180,19 +182,14 @@ def read_segment(url: str, first: int, count: int, retry: ReadRetry,
                 if got == count:
                     break
             break
-        except PERMANENT as err:
-            log.warning("shard %s unreadable after %d samples of its segment: %s", url, got, err)
-            break
         except Exception as err:  # connection refused/reset, timeouts, 5xx: the store may come back
-            failures += 1
-            if failures > retry.retries:
-                log.warning("shard %s still failing after %d retries, skipping its %d remaining samples: %s",
-                            url, retry.retries, count - got, err)
+            if not attempts.retry(err, f", from sample {first + got}"):
+                if attempts.exhausted:
+                    log.warning("shard %s still failing after %d retries, skipping its %d remaining samples: %s",
+                                url, retry.retries, count - got, err)
+                else:
+                    log.warning("shard %s unreadable after %d samples of its segment: %s", url, got, err)
                 break
-            delay = retry.backoff_s * 2 ** (failures - 1)
-            log.warning("shard %s: %s; retry %d of %d in %.0f s, from sample %d", url, err, failures,
-                        retry.retries, delay, first + got)
-            sleep(delay)
     for _ in range(count - got):
         yield None
 

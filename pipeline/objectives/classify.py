@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..recipe import RunRecipe
-from ..tasks.config import OptimConfig, TimmClassifierConfig
+from ..tasks.config import OptimConfig, TimmClassifierConfig, supervised_optim
 from .hooks import classifier_after_training
 from .spec import Embedding, Objective, Training
 
@@ -26,8 +26,7 @@ class ClassifyRecipe(RunRecipe):
     labelled = True
     task: Literal["classify"] = "classify"
     model: TimmClassifierConfig = field(default_factory=TimmClassifierConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(base_lr=5e-4, betas=(0.9, 0.999),
-                                                                   warmup_epochs=5.0, min_lr=1e-5))
+    optim: OptimConfig = field(default_factory=lambda: supervised_optim(base_lr=5e-4))
 
 
 def build(recipe: ClassifyRecipe, plan: RunPlan) -> Training:

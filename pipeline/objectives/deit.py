@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..recipe import RunRecipe
-from ..tasks.config import DeiTConfig, OptimConfig
+from ..tasks.config import DeiTConfig, OptimConfig, supervised_optim
 from .hooks import classifier_after_training, encoder_features, held_out_top1
 from .spec import Objective, Training
 
@@ -28,8 +28,7 @@ class DeiTRecipe(RunRecipe):
     labelled = True
     task: Literal["deit"] = "deit"
     model: DeiTConfig = field(default_factory=DeiTConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(base_lr=2.5e-4, betas=(0.9, 0.999),
-                                                                   warmup_epochs=5.0, min_lr=1e-5))
+    optim: OptimConfig = field(default_factory=lambda: supervised_optim(base_lr=2.5e-4))
 
 
 def build(recipe: DeiTRecipe, plan: RunPlan) -> Training:

@@ -29,7 +29,8 @@ class SubmitRequest:
     stage: Stage = "pretrain"
     overrides: dict[str, str] = field(default_factory=dict)
     nodes: int = 1
-    gpus_per_node: int = 0
+    gpus_per_node: int = 8
+    """One process per GPU; 0: CPU processes (``cpu_tasks_per_node`` of them)."""
     cpu_tasks_per_node: int = 1
     cluster: str = "example"
     job_name: str | None = None

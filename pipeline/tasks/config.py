@@ -26,6 +26,11 @@ class OptimConfig:
     """Clip the global gradient norm to this value; None disables clipping."""
 
 
+def supervised_optim(base_lr: float) -> OptimConfig:
+    """DeiT's schedule for training on labels (AdamW betas 0.9 / 0.999, 5 warm-up epochs, lr down to 1e-5)."""
+    return OptimConfig(base_lr=base_lr, betas=(0.9, 0.999), warmup_epochs=5.0, min_lr=1e-5)
+
+
 @dataclass
 class FinetuneOptimConfig(OptimConfig):
     """Fine-tuning adds layer-wise lr decay; defaults are the MAE paper's ViT-B fine-tuning (Table 9)."""
