@@ -49,6 +49,37 @@ def quiet_third_party() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+class _CurrentStream(logging.Handler):
+    """Plain lines on whatever ``sys.stdout`` / ``sys.stderr`` is when a record is emitted (a test's capture,
+    a redirected stream), as ``print`` would write them."""
+
+    def __init__(self, stream: str):
+        super().__init__()
+        self.stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        out = getattr(sys, self.stream)
+        out.write(self.format(record) + "\n")
+        out.flush()
+
+
+def _reporter(name: str, stream: str) -> logging.Logger:
+    logger = logging.getLogger(name)
+    if not logger.handlers:  # an application that configured this logger keeps its own handlers
+        logger.addHandler(_CurrentStream(stream))
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+# What a stage reports to its user (results, the lines a run ends with, next steps): stdout, one plain line per
+# message. Notes beside a command's output (which cluster profile a job file used): stderr, so the output
+# itself can be redirected. Library code says things through these loggers, never print(); an application
+# embedding vitpipe reconfigures or silences them like any logger.
+report = _reporter("pipeline.report", "stdout")
+notes = _reporter("pipeline.notes", "stderr")
+
+
 def duration(seconds: float) -> str:
     """``75`` -> ``1m15s``; ``4000`` -> ``1h06m``."""
     seconds = max(0, int(round(seconds)))

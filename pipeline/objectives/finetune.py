@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from ..console import report
 from ..recipe import RunRecipe
 from ..tasks.config import FinetuneConfig, FinetuneOptimConfig
 from .hooks import classifier_after_training, encoder_features
@@ -57,7 +58,7 @@ def build(recipe: FinetuneRecipe, plan: RunPlan) -> Training:
     params = {}
     if (change := resolution_change(ref, recipe.model.image_size)) is not None:
         if rank_zero_only.rank == 0:
-            print(f"finetune {ref.uri}: {change}")
+            report.info(f"finetune {ref.uri}: {change}")
         params["model.position_resample"] = str(change)
     tags = {"vitpipe.init_model": ref.uri}
     if ref.run_id:

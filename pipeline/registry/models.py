@@ -1,8 +1,8 @@
 """Registered models: put an export folder into the MLflow model registry, and get it back by URI.
 
 A model version's source is the ``export/`` artifact folder of the run that trained it: the safetensors
-weights and ``metadata.json`` written by the objective that trained it (``pipeline.exports``) (never the training checkpoint, whose
-optimizer state is of no use downstream). We store plain files rather than an MLflow "flavor": the
+weights and ``metadata.json`` its objective wrote (``pipeline.exports``), never the training checkpoint, whose
+optimizer state is of no use downstream. We store plain files rather than an MLflow "flavor": the
 PyTorch flavor's default pt2 serialisation specialises on the example's batch size, and our loader needs
 the position-embedding metadata anyway.
 """

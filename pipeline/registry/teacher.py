@@ -1,7 +1,8 @@
 """The DeiT teacher: any classifier the pipeline can load without a network, frozen, fed the student's batch.
 
 Sources: a registered model (``models:/name@alias`` or ``models:/name/3``) or an export folder holding a
-fine-tuned ViT classifier or a timm classifier (``exports.timm_classifier``); or ``timm:<arch>`` with a local weights file.
+fine-tuned ViT classifier or a timm classifier (``exports.timm_classifier``); or ``timm:<arch>`` with a local
+weights file.
 The student's normalised images are re-normalised to the teacher's statistics and resized to its input size.
 """
 from __future__ import annotations

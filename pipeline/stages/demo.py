@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from mlflow import MlflowClient
 
-from ..console import vitpipe_executable
+from ..console import report, vitpipe_executable
 from ..data.manifest import MANIFEST_NAME
 from ..evaluation.config import EvalConfig
 from ..evaluation.features import encoder_embedding, pixel_embedding
@@ -33,7 +33,7 @@ def demo(workdir: str = "vitpipe-demo", steps: int | None = None, overrides: dic
     work = Path(workdir).resolve()
     shards = work / "shards" / "fmnist"
     if not (shards / "train" / MANIFEST_NAME).exists() or not (shards / "val" / MANIFEST_NAME).exists():
-        print(f"demo: sharding Fashion-MNIST into {shards}")
+        report.info(f"demo: sharding Fashion-MNIST into {shards}")
         shard_fashion_mnist(str(shards))
     settings = {
         "data.train": str(shards / "train"),
@@ -48,13 +48,13 @@ def demo(workdir: str = "vitpipe-demo", steps: int | None = None, overrides: dic
     settings.update(overrides or {})
     (work / "mlflow").mkdir(parents=True, exist_ok=True)
     recipe = load_recipe(DEMO_RECIPE, settings)
-    print(f"demo: pretraining recipe {DEMO_RECIPE} for {recipe.trainer.max_steps} steps on CPU")
+    report.info(f"demo: pretraining recipe {DEMO_RECIPE} for {recipe.trainer.max_steps} steps on CPU")
     trained = train(recipe, resume=resume)
 
     model_uri = f"models:/{recipe.register.name}@{recipe.register.alias}"
     cfg = EvalConfig(train=str(shards / "train"), val=str(shards / "val"), max_train=eval_train,
                      max_val=eval_val, crop_pct=1.0)  # 28 px images: resize to the model's 32 px, no crop
-    print(f"demo: evaluating {model_uri} (kNN k={cfg.knn.k}, linear probe) on {eval_train} train / "
+    report.info(f"demo: evaluating {model_uri} (kNN k={cfg.knn.k}, linear probe) on {eval_train} train / "
           f"{eval_val} held-out images, and the baselines on the same images")
     result = evaluate_model(model_uri, cfg, recipe.tracking)
     transform = result.transform
@@ -64,9 +64,9 @@ def demo(workdir: str = "vitpipe-demo", steps: int | None = None, overrides: dic
             "same encoder, random init": evaluate_embedding(encoder_embedding(random_init, cfg.pool), cfg, transform),
             "raw pixels": evaluate_embedding(pixel_embedding, cfg, transform)}
     table = comparison_table(rows, cfg, trained.global_step)
-    print(table)
+    report.info(table)
     MlflowClient(trained.tracking_uri).log_text(result.run_id, table, "demo_comparison.md")
-    print(next_steps(work, shards, model_uri, trained.tracking_uri, cfg))
+    report.info(next_steps(work, shards, model_uri, trained.tracking_uri, cfg))
     return rows
 
 

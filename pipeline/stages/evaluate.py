@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from ..config import flatten, to_dict
+from ..console import report
 from ..evaluation import knn_accuracy, train_linear_probe
 from ..evaluation.config import EvalConfig
 from ..evaluation.features import EvalTransform, LabelledSplit, extract
@@ -64,7 +65,7 @@ def evaluate_model(model_uri: str, cfg: EvalConfig, tracking: TrackingConfig,
         raise ModelError(f"{model_uri}: a {objective.name} model, and that objective gives no features to evaluate")
     emb = objective.features(ref, cfg)
     for note in emb.notes:
-        print(f"evaluate {model_uri}: {note}")
+        report.info(f"evaluate {model_uri}: {note}")
     transform = EvalTransform(emb.image_size, emb.normalisation["mean"], emb.normalisation["std"], cfg.crop_pct)
     metrics = evaluate_embedding(emb.embed, cfg, transform)
     client = MlflowClient(uri)
@@ -72,7 +73,7 @@ def evaluate_model(model_uri: str, cfg: EvalConfig, tracking: TrackingConfig,
     tag_version(client, ref, {f"vitpipe.eval.{k}": f"{v:.4f}" for k, v in metrics.items() if k.endswith("top1")}
                 | {"vitpipe.eval.run_id": run_id})
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("top1"))
-    print(f"evaluate {model_uri}: {shown} on {int(metrics['val_samples'])} held-out samples "
+    report.info(f"evaluate {model_uri}: {shown} on {int(metrics['val_samples'])} held-out samples "
           f"({int(metrics['train_samples'])} train); MLflow run {run_id} at {scrub_url(uri)}")
     return EvalResult(metrics, run_id, ref, transform)
 

@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 
 from ..checkpoint.store import CONFIG, RUN_ID, committed_step
 from ..config import build
+from ..console import report
 from ..objectives.trained import exports_dir
 from ..registry import register_export
 from ..tracking import TrackingConfig, resolve_uri
@@ -38,6 +39,6 @@ def register_checkpoint(checkpoint: str | Path, name: str, alias: str = "candida
     if not (export_dir / "metadata.json").is_file():
         export_checkpoint(step, export_dir)
     version = register_export(MlflowClient(tracking_uri), export_dir, run_id, name, alias)
-    print(f"registered models:/{name}/{version.version} (alias @{alias}) from run {run_id} "
+    report.info(f"registered models:/{name}/{version.version} (alias @{alias}) from run {run_id} "
           f"at {scrub_url(tracking_uri)}")
     return version

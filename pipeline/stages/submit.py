@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..config import ConfigError
+from ..console import notes, report
 from ..jobs.k8s import RECIPE_FILE, dump_manifests, render_k8s
 from ..jobs.profile import ClusterProfile, find_profile, load_profile, profile_note
 from ..jobs.slurm import render_sbatch
@@ -108,7 +109,7 @@ def submit(req: SubmitRequest, dry_run: bool = False, chain: bool = False) -> li
     on Slurm); returns the Slurm job ids or the applied Kubernetes objects. Only the job files go to stdout with
     ``dry_run``, so it can be redirected to a file; notes go to stderr."""
     profile = load_profile(req.cluster)
-    print(profile_note(find_profile(req.cluster)), file=sys.stderr)
+    notes.info(profile_note(find_profile(req.cluster)))
     stages = [req.stage, "register", "evaluate"] if chain else [req.stage]
     if chain and (req.target != "slurm" or req.stage != "pretrain"):
         raise ConfigError("--chain submits pretrain -> register -> evaluate as dependent Slurm jobs")
@@ -119,18 +120,19 @@ def submit(req: SubmitRequest, dry_run: bool = False, chain: bool = False) -> li
             else req
         text, spec = render(job_req, profile, stage, after=ids[-1:] or req.after)
         if dry_run:
-            print(text)
+            report.info(text)
             ids.append(f"<{stage}>")
             continue
         if req.target == "slurm":
             Path(profile.slurm.log_dir).mkdir(parents=True, exist_ok=True)  # sbatch opens the log before the job
             out = _run(["sbatch", "--parsable"], text)
             ids.append(out.strip().split(";")[0])
-            print(f"submitted {stage}: Slurm job {ids[-1]}, log {profile.slurm.log_dir}/{spec.job_name}-{ids[-1]}.out")
+            log_file = f"{profile.slurm.log_dir}/{spec.job_name}-{ids[-1]}.out"
+            report.info(f"submitted {stage}: Slurm job {ids[-1]}, log {log_file}")
         else:
             out = _run(["kubectl", "apply", "-f", "-"], text)
             ids.extend(out.split())
-            print(out.strip())
+            report.info(out.strip())
     return ids
 
 

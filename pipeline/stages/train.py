@@ -20,6 +20,7 @@ from ..checkpoint import CommittedCheckpoint, latest_complete
 from ..checkpoint.preemption import PreemptionCheckpoint
 from ..checkpoint.resume import FetchCheckpoint, ResumePoint, find_resume
 from ..checkpoint.store import STATE
+from ..console import report
 from ..data.datamodule import ShardDataModule
 from ..data.storage import apply_storage, probe_write
 from ..distributed import build_strategy, cluster_environment, derive_batch, resolve_layout, world_size
@@ -96,17 +97,17 @@ def train(recipe: RunRecipe, resume: str | None = "auto", extra_callbacks: Seque
     if not result.is_global_zero:
         return result
     if result.preempted:
-        print(f"{stage}: stopped by {signal.Signals(result.preempted).name} at step {result.global_step}, "
+        report.info(f"{stage}: stopped by {signal.Signals(result.preempted).name} at step {result.global_step}, "
               f"checkpoint {result.checkpoint}; --resume auto continues from there")
         return result
     if objective.after_training is not None:
         objective.after_training(objective, recipe, result)
     loss = "n/a" if result.last_loss is None else f"{result.last_loss:.4f}"
-    print(f"{stage}: {result.global_step} steps, last loss {loss}; checkpoint {result.checkpoint}")
-    print(f"MLflow run {result.run_id} in experiment '{result.experiment}' at {scrub_url(result.tracking_uri)}")
-    print(f"  browse it with: {browse_command(result.tracking_uri)}")
+    report.info(f"{stage}: {result.global_step} steps, last loss {loss}; checkpoint {result.checkpoint}")
+    report.info(f"MLflow run {result.run_id} in experiment '{result.experiment}' at {scrub_url(result.tracking_uri)}")
+    report.info(f"  browse it with: {browse_command(result.tracking_uri)}")
     if result.summary.lines:
-        print(result.summary)
+        report.info(result.summary)
     return result
 
 

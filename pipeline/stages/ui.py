@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from ..config import ConfigError
-from ..console import vitpipe_executable
+from ..console import report, vitpipe_executable
 from ..tracking.config import TrackingConfig, artifact_location, resolve_uri
 from ..tracking.secrets import scrub_url
 from ..tracking.stores import require_store, store_uri
@@ -44,14 +44,14 @@ def serve_ui(workdir: str | None = None, tracking_uri: str | None = None, host: 
     """Run the UI in the foreground until Ctrl-C; returns its exit code."""
     uri = ui_uri(workdir, tracking_uri)
     if uri.startswith(("http://", "https://")):
-        print(f"{scrub_url(uri)} is a tracking server: it serves its own UI, open it in a browser")
+        report.info(f"{scrub_url(uri)} is a tracking server: it serves its own UI, open it in a browser")
         return 0
     require_store(uri)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         if s.connect_ex((host, port)) == 0:
             raise ConfigError(f"port {port} on {host} is already in use (another UI?): choose one with --port")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner process beside the UI
-    print(f"MLflow UI for {uri}\n  open http://{host}:{port} in a browser; Ctrl-C stops it", flush=True)
+    report.info(f"MLflow UI for {uri}\n  open http://{host}:{port} in a browser; Ctrl-C stops it")
     proc = subprocess.Popen(mlflow_ui(uri, host, port), env=env)
     try:
         return proc.wait()
