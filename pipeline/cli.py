@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import logging
 import sys
-from typing import get_args
+from typing import Callable, get_args
 
 from .config import ConfigError
 from .console import quiet_third_party
@@ -153,85 +153,38 @@ def main(argv: list[str] | None = None) -> int:
         logger.setLevel(logging.INFO)
     quiet_third_party()
     args, rest = _parser().parse_known_args(argv)
+    run, takes_overrides = VERBS[args.command]
     try:
-        if rest and args.command not in ("pretrain", "finetune", "demo", "submit", "recipes"):  # --section.key
+        if rest and not takes_overrides:
             raise ConfigError(f"unexpected arguments: {' '.join(rest)}")
-        if args.command == "shard":
-            from .stages.shard import index_shards, shard_fashion_mnist, shard_image_folder
-
-            if args.strict and not args.index:
-                raise ConfigError("--strict applies to --index only")
-            if args.index:
-                index_shards(args.index, args.out, args.split, strict=args.strict)
-            elif args.images:
-                shard_image_folder(args.images, args.out, args.shard_size or 1000, args.workers, args.holdout)
-            else:
-                shard_fashion_mnist(args.out, args.fashion_mnist, args.shard_size or 10000, args.workers)
-        elif args.command == "pretrain":
-            from .recipe import load_recipe, parse_overrides
-
-            recipe = load_recipe(args.config, parse_overrides(rest))
-            return _train(recipe, "pretrain", args.config, args.resume)
-        elif args.command == "finetune":
-            from .recipe import load_recipe, parse_overrides
-
-            overrides = parse_overrides(rest)
-            if args.model:
-                overrides["model.init"] = args.model
-            return _train(load_recipe(args.config, overrides), "finetune", args.config, args.resume)
-        elif args.command == "register":
-            from .stages.register import register_checkpoint
-
-            register_checkpoint(args.checkpoint, args.name, args.alias, args.tracking_uri)
-        elif args.command == "evaluate":
-            from .tracking import TrackingConfig
-
-            protocols = ["knn", "linear"] if args.protocol == "all" else [args.protocol]
-            knn = KNNConfig(**_given(k=args.k, temperature=args.temperature))
-            cfg = EvalConfig(train=args.train, val=args.val, protocols=protocols, max_train=args.max_train,
-                             max_val=args.max_val, image_size=_size(args.image_size), knn=knn,
-                             **_given(pool=args.pool, crop_pct=args.crop_pct, num_workers=args.workers))
-            tracking = TrackingConfig(uri=args.tracking_uri)
-            from .stages.evaluate import evaluate_model  # the heavy part, once the arguments are checked
-
-            evaluate_model(args.model, cfg, tracking, args.experiment)
-        elif args.command == "demo":
-            from .recipe import parse_overrides
-            from .stages.demo import demo
-
-            demo(args.workdir, args.steps, parse_overrides(rest), resume=args.resume, eval_train=args.eval_train,
-                 eval_val=args.eval_val)
-        elif args.command == "export":
-            from .checkpoint.store import committed_step
-            from .stages.export import export_checkpoint, export_timm_names
-
-            step = committed_step(args.checkpoint)
-            print(f"exported {step} -> {export_checkpoint(step, args.out)}")
-            if args.timm:
-                print(f"timm state dict -> {export_timm_names(args.out)}")
-        elif args.command == "import-weights":
-            from .stages.export import import_weights
-
-            size = tuple(args.image_size) if args.image_size else None
-            _, lines = import_weights(args.weights, args.out, args.mae, args.num_heads, size, args.mean, args.std)
-            print("\n".join(lines))
-        elif args.command == "submit":
-            from .recipe import parse_overrides
-            from .stages.submit import SubmitRequest, submit
-
-            req = SubmitRequest(args.target, args.config, args.stage, parse_overrides(rest), args.nodes,
-                                args.gpus_per_node, args.cpu_tasks_per_node, args.cluster, args.job_name, args.after)
-            submit(req, dry_run=args.dry_run, chain=args.chain)
-        elif args.command == "recipes":
-            _recipes(args.action, args.name, rest)
-        elif args.command == "ui":
-            from .stages.ui import serve_ui
-
-            return serve_ui(args.workdir, args.tracking_uri, args.host, args.port)
+        return run(args, rest) or 0
     except (ConfigError, FileNotFoundError, ValueError) as err:  # ModelError, ManifestError are ValueErrors
         print(f"vitpipe {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+
+
+# Each verb: parse what is left of the arguments, call one stage function. Heavy modules are imported only
+# once the arguments are checked, so a mistake is reported at once.
+
+
+def _shard(args: argparse.Namespace, rest: list[str]) -> None:
+    from .stages.shard import shard
+
+    shard(args.out, args.images, args.fashion_mnist, args.index, args.shard_size, args.workers, args.holdout,
+          args.split, args.strict)
+
+
+def _pretrain(args: argparse.Namespace, rest: list[str]) -> int:
+    from .recipe import load_recipe, parse_overrides
+
+    return _train(load_recipe(args.config, parse_overrides(rest)), "pretrain", args.config, args.resume)
+
+
+def _finetune(args: argparse.Namespace, rest: list[str]) -> int:
+    from .recipe import load_recipe, parse_overrides
+
+    overrides = {**parse_overrides(rest), **({"model.init": args.model} if args.model else {})}
+    return _train(load_recipe(args.config, overrides), "finetune", args.config, args.resume)
 
 
 def _train(recipe, verb: str, config: str, resume: str) -> int:
@@ -247,6 +200,66 @@ def _train(recipe, verb: str, config: str, resume: str) -> int:
     if (result := train(recipe, resume=resume)).preempted:
         return 128 + result.preempted  # as a shell reports death by that signal: a retryable failure
     return 0
+
+
+def _register(args: argparse.Namespace, rest: list[str]) -> None:
+    from .stages.register import register_checkpoint
+
+    register_checkpoint(args.checkpoint, args.name, args.alias, args.tracking_uri)
+
+
+def _evaluate(args: argparse.Namespace, rest: list[str]) -> None:
+    from .tracking import TrackingConfig
+
+    protocols = ["knn", "linear"] if args.protocol == "all" else [args.protocol]
+    knn = KNNConfig(**_given(k=args.k, temperature=args.temperature))
+    cfg = EvalConfig(train=args.train, val=args.val, protocols=protocols, max_train=args.max_train,
+                     max_val=args.max_val, image_size=_size(args.image_size), knn=knn,
+                     **_given(pool=args.pool, crop_pct=args.crop_pct, num_workers=args.workers))
+    from .stages.evaluate import evaluate_model  # the heavy part, once the arguments are checked
+
+    evaluate_model(args.model, cfg, TrackingConfig(uri=args.tracking_uri), args.experiment)
+
+
+def _demo(args: argparse.Namespace, rest: list[str]) -> None:
+    from .recipe import parse_overrides
+    from .stages.demo import demo
+
+    demo(args.workdir, args.steps, parse_overrides(rest), resume=args.resume, eval_train=args.eval_train,
+         eval_val=args.eval_val)
+
+
+def _export(args: argparse.Namespace, rest: list[str]) -> None:
+    from .checkpoint.store import committed_step
+    from .stages.export import export_checkpoint, export_timm_names
+
+    step = committed_step(args.checkpoint)
+    print(f"exported {step} -> {export_checkpoint(step, args.out)}")
+    if args.timm:
+        print(f"timm state dict -> {export_timm_names(args.out)}")
+
+
+def _import_weights(args: argparse.Namespace, rest: list[str]) -> None:
+    from .stages.export import import_weights
+
+    size = tuple(args.image_size) if args.image_size else None
+    _, lines = import_weights(args.weights, args.out, args.mae, args.num_heads, size, args.mean, args.std)
+    print("\n".join(lines))
+
+
+def _submit(args: argparse.Namespace, rest: list[str]) -> None:
+    from .recipe import parse_overrides
+    from .stages.submit import SubmitRequest, submit
+
+    req = SubmitRequest(args.target, args.config, args.stage, parse_overrides(rest), args.nodes, args.gpus_per_node,
+                        args.cpu_tasks_per_node, args.cluster, args.job_name, args.after)
+    submit(req, dry_run=args.dry_run, chain=args.chain)
+
+
+def _ui(args: argparse.Namespace, rest: list[str]) -> int:
+    from .stages.ui import serve_ui
+
+    return serve_ui(args.workdir, args.tracking_uri, args.host, args.port)
 
 
 def _default(cls: type, name: str):
@@ -267,9 +280,10 @@ def _size(values: list[int] | None) -> tuple[int, int] | None:
     return (values[0], values[-1])
 
 
-def _recipes(action: str, name: str | None, rest: list[str]) -> None:
+def _recipes(args: argparse.Namespace, rest: list[str]) -> None:
     from .resources import find_recipe, list_recipes
 
+    action, name = args.action, args.name
     if action == "list":
         from .objectives.registry import names, objective
 
@@ -287,6 +301,15 @@ def _recipes(action: str, name: str | None, rest: list[str]) -> None:
     print(f"recipe {name} ({find_recipe(name)}), task {recipe.task}: its sections and keys, each with type, "
           f"value and default.\nOverride any key with --section.key VALUE on the command line.\n")
     print("\n".join(describe(recipe)))
+
+
+# verb -> (its function, whether it takes --section.key VALUE recipe overrides)
+VERBS: dict[str, tuple[Callable[[argparse.Namespace, list[str]], int | None], bool]] = {
+    "shard": (_shard, False), "pretrain": (_pretrain, True), "finetune": (_finetune, True),
+    "register": (_register, False), "evaluate": (_evaluate, False), "demo": (_demo, True),
+    "export": (_export, False), "import-weights": (_import_weights, False), "submit": (_submit, True),
+    "recipes": (_recipes, True), "ui": (_ui, False),
+}
 
 
 if __name__ == "__main__":
