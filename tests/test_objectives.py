@@ -249,3 +249,13 @@ def test_classify_checkpoint_exports_registers_and_gives_features(fmnist_shards,
     reference = trained_model(CLASSIFY, recipe, result.checkpoint)
     check_export_and_registration(result.checkpoint, tmp_path, load_timm_classifier, reference, "cnn",
                                   fmnist_shards)
+
+
+def test_exports_written_before_objectives_were_recorded_are_told_apart_by_contents():
+    from pipeline.objectives.registry import objective_of_export
+
+    assert objective_of_export({"encoder": {}}, "old-vit").name == "mae"  # any ViT objective reads it alike
+    assert objective_of_export({"timm": {}}, "old-cnn").name == "classify"
+    assert objective_of_export({"objective": "deit", "encoder": {}}, "new").name == "deit"
+    with pytest.raises(ValueError, match="names no objective"):
+        objective_of_export({"normalisation": {}}, "empty")
