@@ -76,7 +76,7 @@ def bare_loop(urls: list[str], size: int) -> float:
 
 def stream_loader(manifest_url: str, size: int, workers: int, batch: int) -> float:
     m = load_manifest(manifest_url)
-    cfg = StreamConfig(train=manifest_url, shuffle_buffer=500, num_workers=workers,
+    cfg = StreamConfig(train=manifest_url, num_workers=workers,
                        transform=TransformConfig(image_size=(size, size)))
     ds = ShardStream(m.shard_urls(), [s.num_samples for s in m.shards], cfg, batch, seed=0)
     loader = StreamLoader(ds, workers, epoch_fn=lambda: 0)

@@ -93,7 +93,7 @@ def worker(a: argparse.Namespace) -> None:
         "trainer.global_batch": str(NPROC * batch), "trainer.micro_batch": str(batch),
         "trainer.max_epochs": "null", "trainer.max_steps": str(a.steps), "optim.warmup_steps": "1",
         "data.train": str(work / "shards" / "train"), "data.val": str(work / "shards" / "val"),
-        "data.num_workers": "1", "data.shuffle_buffer": "100",
+        "data.num_workers": "1", "data.interleave": "4",
         # a ViT-L checkpoint is GBs and its writing is not what is measured
         "checkpoint.enabled": "false", "checkpoint.dir": str(work / f"ckpt-{a.strategy}"),
         "tracking.uri": f"sqlite:///{work / 'mlflow.db'}", "tracking.experiment": "zero-memory-benchmark",

@@ -61,7 +61,7 @@ def write_shards(folder: Path, shards: list[list[str]], seed: int = 0) -> dict[s
 def stream(folder: Path, labelled: bool, batch: int = 4, rank: int = 0, world: int = 1,
            shuffle: bool = True) -> StreamLoader:
     m = load_manifest(str(folder))
-    cfg = StreamConfig(shuffle=shuffle, shuffle_buffer=8, num_workers=2, transform=TransformConfig(image_size=(8, 8)))
+    cfg = StreamConfig(shuffle=shuffle, interleave=2, num_workers=2, transform=TransformConfig(image_size=(8, 8)))
     ds = ShardStream(m.shard_urls(), [s.num_samples for s in m.shards], cfg, batch, seed=3, labelled=labelled,
                      num_classes=10 if labelled else None)
     ds.rank, ds.world_size = rank, world

@@ -103,7 +103,7 @@ def test_killed_deit_run_resumes_to_the_uninterrupted_losses(fmnist_shards, tmp_
     def run(work, *extra) -> subprocess.CompletedProcess:
         o = overrides(fmnist_shards, work, **{
             "trainer.max_steps": 8, "checkpoint.every_n_steps": 3, "trainer.sample_trace": work / "trace.jsonl",
-            "data.repeats": 2, "data.num_workers": 2, "data.shuffle_buffer": 40,
+            "data.repeats": 2, "data.num_workers": 2, "data.interleave": 3,
             "data.transform.rand_augment": "rand-m9-mstd0.5-inc1", "data.transform.random_erase": 0.25,
             "model.mixup.prob": 1.0, "model.encoder.drop_path": 0.1, "model.ema_decay": 0.9,
             "model.distill.kind": "soft", "model.teacher.model": teacher})

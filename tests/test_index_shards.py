@@ -209,7 +209,7 @@ def test_training_and_evaluation_read_exactly_the_recorded_samples(shards, tmp_p
             read.append(sample["__key__"])
     assert read == [f"b{i:03d}" for i in range(4)]
 
-    cfg = StreamConfig(shuffle=True, shuffle_buffer=4, num_workers=2, transform=TransformConfig(image_size=(8, 8)))
+    cfg = StreamConfig(shuffle=True, interleave=2, num_workers=2, transform=TransformConfig(image_size=(8, 8)))
     ds = ShardStream(manifest.shard_urls(), [s.num_samples for s in manifest.shards], cfg, batch_size=3, seed=5,
                      labelled=True, num_classes=3)
     loader = StreamLoader(ds, num_workers=2, epoch_fn=lambda: 0)

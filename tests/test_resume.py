@@ -24,7 +24,7 @@ def _trace(path: Path) -> dict[int, dict]:
 def test_killed_and_resumed_run_matches_uninterrupted(fmnist_shards, tmp_path, child_env):
     # 2,000 samples / batch 16 = 125 batches per epoch: steps 1..16 are all mid-epoch.
     common = {"trainer.max_steps": 16, "checkpoint.every_n_steps": 4, "data.num_workers": 2,
-              "data.shuffle": "true", "data.shuffle_buffer": 50}
+              "data.shuffle": "true", "data.interleave": 3}
     ref = tiny_overrides(fmnist_shards, tmp_path / "ref", **common, **{"trainer.sample_trace": tmp_path / "ref.jsonl"})
     assert _run(ref, child_env).returncode == 0
 

@@ -182,7 +182,7 @@ def test_killed_run_resumes_mid_epoch_from_s3_with_the_same_samples(s3_server, s
     def overrides(work: Path) -> str:
         o = tiny_overrides(Path("/unused"), work, **{
             "data.train": f"{SHARDS}/train", "data.val": f"{SHARDS}/val", "trainer.max_steps": 12,
-            "checkpoint.every_n_steps": 4, "data.num_workers": 2, "data.shuffle_buffer": 50,
+            "checkpoint.every_n_steps": 4, "data.num_workers": 2, "data.interleave": 3,
             "trainer.sample_trace": work / "trace.jsonl"})
         return json.dumps(o)
 

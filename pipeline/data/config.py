@@ -68,8 +68,14 @@ class StreamConfig:
     val: str = ""
     """Manifest of the held-out split (used by evaluation stages)."""
     shuffle: bool = True
-    shuffle_buffer: int = 1000
-    """Samples are permuted within windows of this many consecutive samples of a worker's share."""
+    """Permute the shards each epoch and mix the samples of ``interleave`` shards at a time (see
+    ``data.order``); off: shards in manifest order, each read whole."""
+    interleave: int = 32
+    """Shards whose samples an epoch's order mixes together (each spread evenly over the stretch they fill).
+    More mixes better when a shard holds few classes; a batch then reads one run from each of up to this
+    many shards."""
+    shuffle_buffer: int | None = None
+    """Not used: the window of the earlier sample order (kept so recipes and checkpoints that name it load)."""
     num_workers: int = 2
     transform: TransformConfig = field(default_factory=TransformConfig)
     read: ReadRetry = field(default_factory=ReadRetry)
@@ -86,6 +92,8 @@ class StreamConfig:
     few bad samples in the first batches do not stop a run."""
 
     def __post_init__(self) -> None:
+        if self.interleave < 1:
+            raise ValueError(f"interleave {self.interleave} must be >= 1")
         if self.repeats < 1:
             raise ValueError(f"repeats {self.repeats} must be >= 1")
         if not 0.0 <= self.max_bad_fraction <= 1.0:

@@ -28,9 +28,9 @@ class ShardDataModule(L.LightningDataModule):
             return
         m = self.manifest
         ds = ShardStream(m.shard_urls(), [s.num_samples for s in m.shards], self.cfg, self.batch_size, self.seed,
-                         self.labelled, self.num_classes)
+                         self.labelled, self.num_classes, m.offsets_urls())
         ds.rank, ds.world_size = self.trainer.global_rank, self.trainer.world_size
-        if ds.plan().batches_per_rank == 0:
+        if ds.steps(0, 0) == 0:
             raise ValueError(f"{m.location}: {m.num_samples} samples are fewer than one batch of "
                              f"{self.batch_size} on each of {ds.world_size} ranks")
         self.loader = StreamLoader(ds, self.cfg.num_workers, epoch_fn=lambda: self.trainer.current_epoch,

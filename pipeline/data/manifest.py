@@ -35,6 +35,10 @@ class ShardInfo:
     truncated: str | None = None
     """Why the shard is readable only up to ``num_samples`` (where and how its archive ends); None: whole.
     Left out of the JSON when None, so manifests of whole shards (and their digests) are as before."""
+    offsets: str | None = None
+    """The file of the byte offset of each sample (relative to the manifest like ``url``), which lets a loader
+    worker read any run of samples with one ranged request. None (left out of the JSON): not recorded, the
+    shard is read from its start."""
 
 
 @dataclass
@@ -55,6 +59,9 @@ class Manifest:
     def shard_urls(self) -> list[str]:
         return [resolve(self.location, s.url) for s in self.shards]
 
+    def offsets_urls(self) -> list[str | None]:
+        return [resolve(self.location, s.offsets) if s.offsets else None for s in self.shards]
+
     def truncated_shards(self) -> list[ShardInfo]:
         return [s for s in self.shards if s.truncated is not None]
 
@@ -62,8 +69,9 @@ class Manifest:
         d = asdict(self)
         d.pop("location")
         for shard in d["shards"]:
-            if shard["truncated"] is None:
-                del shard["truncated"]
+            for optional in ("truncated", "offsets"):
+                if shard[optional] is None:
+                    del shard[optional]
         return {"format": FORMAT, "num_samples": self.num_samples, **d}
 
     def digest(self) -> str:

@@ -11,9 +11,14 @@ import fsspec
 from ..console import Progress
 from .manifest import Manifest, ManifestError, ShardInfo
 from .storage import probe_write
-from .tar_io import scan_shard, sha256_of, write_shard
+from .tar_io import scan_shard, sha256_of, write_offsets, write_shard
 
 _SOURCE: Any = None  # set in each worker process by _init_worker
+
+
+def offsets_url(shard_url: str) -> str:
+    """Where a shard written here keeps its sample offsets: beside it."""
+    return shard_url.rsplit(".tar", 1)[0] + ".offsets"
 
 
 def _init_worker(source: Any) -> None:
@@ -33,8 +38,10 @@ def _write_one(args: tuple[str, Sequence[Any]]) -> tuple[ShardInfo, list[str]]:
             else:
                 yield sample
 
-    count, sha, nbytes = write_shard(url, samples())
-    return ShardInfo(url=posixpath.basename(url), num_samples=count, sha256=sha, bytes=nbytes), skipped
+    written = write_shard(url, samples())
+    write_offsets(offsets_url(url), written.offsets)
+    return ShardInfo(url=posixpath.basename(url), num_samples=written.count, sha256=written.sha256,
+                     bytes=written.bytes, offsets=posixpath.basename(offsets_url(url))), skipped
 
 
 def write_split(source: Any, items: Sequence[Any], out_url: str, split: str, shard_size: int = 10000,
@@ -84,12 +91,17 @@ def index_shards(urls: Sequence[str], out_url: str, split: str, classes: Sequenc
     shards, exts = [], set()
     # Local paths are stored absolute: relative ones would be read against the manifest's folder.
     urls = [u if "://" in u else os.path.abspath(u) for u in urls]
-    for url in urls:
+    out_url = out_url[:-len(".json")].rsplit("/", 1)[0] if out_url.endswith(".json") else out_url.rstrip("/")
+    for n, url in enumerate(urls):
         scan = scan_shard(url)
         exts.update(scan.extensions & {"jpg", "jpeg", "png", "webp"})
         sha, nbytes = sha256_of(url)
+        offsets = None
+        if scan.offsets:  # beside the manifest: the shards' own folder may be read-only
+            offsets = f"offsets/{n:06d}-{posixpath.basename(url).rsplit('.tar', 1)[0]}.offsets"
+            write_offsets(f"{out_url}/{offsets}", scan.offsets)
         shards.append(ShardInfo(url=url, num_samples=scan.num_samples, sha256=sha, bytes=nbytes,
-                                truncated=scan.truncated))
+                                truncated=scan.truncated, offsets=offsets))
         if scan.truncated is None:
             log(f"{url}: {scan.num_samples} samples")
         else:

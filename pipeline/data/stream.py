@@ -1,10 +1,12 @@
-"""The streaming loader: WebDataset shards over fsspec -> split by rank -> split by worker -> windowed
-shuffle -> decode -> augment -> batch, with a position that a checkpoint can store and restore exactly.
+"""The streaming loader: WebDataset shards over fsspec -> the epoch's sample order (``order.EpochOrder``) ->
+this rank's batches -> decode -> augment -> batch, with a position that a checkpoint can store and restore
+exactly, on the same layout or any other.
 
-State is kept in the main process as (epoch, batches consumed by the training loop this epoch), not in the
-workers, so prefetched-but-unused batches never count. On resume each worker recomputes its plan
-(``plan.EpochPlan``) and skips what was consumed: shards before its position are not opened at all, and
-within the current shuffle window samples are re-read as bytes but not decoded.
+The position is one number per epoch, kept in the main process: the epoch's positions consumed by the
+training loop (prefetched-but-unused batches never count). A loader worker computes its own batches from
+it; each batch reads, from each shard it touches, one contiguous run of samples with one ranged request
+(the manifest's offsets), so bytes read are the bytes of the samples delivered. A shard without recorded
+offsets is read from its start instead, skipping what is not this worker's.
 """
 from __future__ import annotations
 
@@ -12,17 +14,18 @@ import logging
 import posixpath
 import random
 import signal
-from dataclasses import asdict
+from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .bad_samples import label_if_any, parse_label
-from .config import StreamConfig
+from .config import ReadRetry, StreamConfig
 from .decode import open_image
-from .plan import EpochPlan, Phase, Segment, consumed_per_worker
-from .tar_io import read_segment
+from .order import EpochOrder, Layout
+from .tar_io import read_offsets, read_run, read_segment
 from .transforms import TrainTransform
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,49 @@ def _one_thread(_: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class RunReader:
+    """One loader worker's reads: runs of a shard's samples by ranged request when the shard's offsets are
+    known, else forward through the shard from a cursor kept open (at most ``keep`` shards at a time)."""
+
+    def __init__(self, urls: list[str], offsets: list[str | None], retry: ReadRetry, keep: int):
+        self.urls, self.offsets_urls, self.retry, self.keep = urls, offsets, retry, max(keep, 1)
+        self._offsets: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cursors: OrderedDict[int, tuple[int, Iterator]] = OrderedDict()
+        self.bytes = [0]  # bytes fetched by ranged reads (runs and offset files)
+        self.warned = False
+
+    def read(self, shard: int, first: int, stop: int) -> Iterator[dict[str, Any] | None]:
+        """Samples ``first`` to ``stop`` of ``shard``, in order (None for an unreadable one)."""
+        if self.offsets_urls[shard] is not None:
+            yield from read_run(self.urls[shard], self._shard_offsets(shard), first, stop, self.retry,
+                                counter=self.bytes)
+            return
+        if not self.warned:
+            log.warning("%s has no recorded sample offsets: this worker reads its shards from their start, "
+                        "skipping the samples of other workers (`vitpipe shard --index` records them)",
+                        self.urls[shard])
+            self.warned = True
+        at, cursor = self._cursors.pop(shard, (0, None))
+        if cursor is None or at > first:
+            at, cursor = 0, read_segment(self.urls[shard], 0, 1 << 62, self.retry)
+        for _ in range(first - at):
+            next(cursor, None)
+        for _ in range(stop - first):
+            yield next(cursor, None)
+        self._cursors[shard] = (stop, cursor)
+        while len(self._cursors) > self.keep:
+            self._cursors.popitem(last=False)[1][1].close()
+
+    def _shard_offsets(self, shard: int) -> np.ndarray:
+        if shard not in self._offsets:
+            self._offsets[shard] = read_offsets(self.offsets_urls[shard])
+            self.bytes[0] += 8 * len(self._offsets[shard])
+            while len(self._offsets) > 4 * self.keep:
+                self._offsets.popitem(last=False)
+        self._offsets.move_to_end(shard)
+        return self._offsets[shard]
+
+
 class ShardStream(IterableDataset):
     """Yields whole batches {"image" [b,3,H,W], "label" [b], "key" list[str], "skipped" int, "bad" list of
     (key, reason)}: b is the batch size less the bad samples, which are named in "bad" and counted in
@@ -52,63 +98,64 @@ class ShardStream(IterableDataset):
 
     ``labelled``: the task learns from labels, so a sample without a usable one (``.cls`` missing, not an
     integer, or outside [0, ``num_classes``) when that is given) is bad. Otherwise labels are passed along
-    when they parse (else -1) and never make a sample bad."""
+    when they parse (else -1) and never make a sample bad. ``offsets``: each shard's offsets file (None:
+    none recorded)."""
 
     def __init__(self, urls: list[str], sizes: list[int], cfg: StreamConfig, batch_size: int, seed: int,
-                 labelled: bool = False, num_classes: int | None = None):
+                 labelled: bool = False, num_classes: int | None = None, offsets: list[str | None] | None = None):
         super().__init__()
         self.urls, self.sizes, self.cfg = urls, sizes, cfg
+        self.offsets = offsets or [None] * len(urls)
         self.batch_size, self.seed = batch_size, seed
         self.labelled, self.num_classes = labelled, num_classes
         self.transform = TrainTransform(cfg.transform)
-        # Set by StreamLoader before each pass.
-        self.epoch, self.rank, self.world_size, self.consumed = 0, 0, 1, 0
-        self.phases: tuple[Phase, ...] = ()
+        # Set by StreamLoader before each pass: the epoch, this rank, the epoch's positions consumed before
+        # this pass (``start``) and this rank's batches of the pass already consumed (``consumed``).
+        self.epoch, self.rank, self.world_size, self.start, self.consumed = 0, 0, 1, 0, 0
+        self.bytes_read = 0  # in a process reading itself (no loader workers)
 
-    def plan(self, epoch: int | None = None, phases: tuple[Phase, ...] | None = None) -> EpochPlan:
-        # The plan deals out copies: sample j of a shard is positions j*k .. j*k + k-1 of it (k = repeats).
+    def order(self, epoch: int | None = None) -> EpochOrder:
+        # The order deals out copies: sample j of a shard is positions j*k .. j*k + k-1 of it (k = repeats).
         copies = tuple(n * self.cfg.repeats for n in self.sizes)
-        return EpochPlan(copies, self.epoch if epoch is None else epoch, self.seed, self.world_size,
-                         self.batch_size, self.cfg.shuffle, self.phases if phases is None else phases)
+        return EpochOrder(copies, self.seed, self.epoch if epoch is None else epoch, self.cfg.shuffle,
+                          self.cfg.interleave)
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.world_size, self.batch_size)
+
+    def steps(self, epoch: int | None = None, start: int | None = None) -> int:
+        """Batches of this rank left in the epoch after ``start`` positions (this pass's by default)."""
+        return self.layout.steps(self.order(epoch).total, self.start if start is None else start)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        k = info.num_workers if info else 1
-        # After a resume the next batch belongs to worker (consumed % k); DataLoader starts at physical
-        # worker 0, so physical worker j plays the role of worker (j + consumed) % k.
-        worker = ((info.id if info else 0) + self.consumed) % k
-        plan = self.plan()
-        segments = plan.worker_segments(self.rank, worker, k)
-        window = max(self.cfg.shuffle_buffer, 1)
-        order = plan.worker_order(self.rank, worker, k, window)
-        start = consumed_per_worker(self.consumed, k)[worker] * self.batch_size
-        raw = self._read(segments, skip=(start // window) * window)
-        batch: list[tuple[str, Any]] = []
-        for w0 in range((start // window) * window, len(order), window):
-            block = [next(raw) for _ in range(min(window, len(order) - w0))]
-            for i in range(max(w0, start), w0 + len(block)):  # i: emission index, order[i]: position
-                batch.append(self._decode(block[order[i] - w0], plan.epoch))
-                if len(batch) == self.batch_size:
-                    yield self._collate(batch)
-                    batch = []
+        k, j = (info.num_workers, info.id) if info else (1, 0)
+        order, layout = self.order(), self.layout
+        reader = RunReader(self.urls, self.offsets, self.cfg.read, self.cfg.interleave)
+        # DataLoader takes batch i from worker i % k, and a resumed pass starts at worker 0 again.
+        for step in range(self.consumed + j, layout.steps(order.total, self.start), k):
+            first = layout.batch_start(self.start, step, self.rank)
+            batch = [self._decode(item, order.epoch) for item in self._read(order, first, reader)]
+            self.bytes_read = reader.bytes[0]
+            yield self._collate(batch)
 
-    def _read(self, segments: list[Segment], skip: int) -> Iterator[tuple[dict[str, Any] | None, int, str]]:
-        """(raw sample, copy index, where) for each position of the segments, from position ``skip`` on; the
-        sample is None when unreadable, ``where`` names it then ("<shard>/#<index in the shard>"). A sample is
-        read once for all its copies in a segment."""
+    def _read(self, order: EpochOrder, first: int, reader: RunReader
+              ) -> list[tuple[dict[str, Any] | None, int, str]]:
+        """(raw sample, copy index, where) of the batch's positions, in order; the sample is None when unreadable,
+        ``where`` names it then ("<shard>/#<index in the shard>"). Each run is read once for all its copies."""
         k = self.cfg.repeats
-        for seg in segments:
-            if skip >= len(seg):
-                skip -= len(seg)
-                continue
-            first, stop = seg.start + skip, seg.stop  # positions (copies) within the shard
-            raw_first, raw_stop = first // k, (stop - 1) // k + 1
-            samples = read_segment(self.urls[seg.shard], raw_first, raw_stop - raw_first, self.cfg.read)
-            shard = posixpath.basename(self.urls[seg.shard]).rsplit(".tar", 1)[0]
-            for j, sample in enumerate(samples, start=raw_first):
-                for copy in range(max(first - j * k, 0), min(stop - j * k, k)):
-                    yield sample, copy, f"{shard}/#{j}"
-            skip = 0
+        shards, positions = order.positions(first, self.batch_size)
+        got: dict[tuple[int, int], dict[str, Any] | None] = {}
+        for run in order.runs(first, self.batch_size):
+            lo, hi = run.start // k, (run.stop - 1) // k + 1
+            for j, sample in enumerate(reader.read(run.shard, lo, hi), start=lo):
+                got[run.shard, j] = sample
+        out = []
+        for shard, p in zip(shards.tolist(), positions.tolist()):
+            name = posixpath.basename(self.urls[shard]).rsplit(".tar", 1)[0]
+            out.append((got[shard, p // k], p % k, f"{name}/#{p // k}"))
+        return out
 
     def _decode(self, item: tuple[dict[str, Any] | None, int, str], epoch: int
                 ) -> tuple[str, tuple[torch.Tensor, int] | str]:
@@ -144,44 +191,44 @@ class ShardStream(IterableDataset):
                 "key": [key for key, _ in good], "skipped": len(bad), "bad": bad}
 
 
+ORDER_VERSION = 2  # the sample order of ``order.EpochOrder``; checkpoints without it used the earlier one
+
+
 class StreamLoader:
     """Iterable over one epoch of batches for this rank; remembers how far the training loop got.
 
-    A resume on another layout (world size, batch, worker count or shuffle window) within an epoch records the
-    old layout and its progress as a ``Phase``: the rest of the epoch is then dealt out over the new layout
-    from what the earlier phases left, so no sample repeats within the epoch. The epoch's length, as the
-    training loop counts it, is the batches already counted plus those left for this layout."""
+    Its state is the epoch, the epoch's positions consumed (a prefix of the order, whatever the layout) and the
+    batches the training loop counted. A resume on any layout (world size, batch, worker count) continues from
+    that position; the epoch's length, as the training loop counts it, is the batches already counted plus
+    those the new layout has left."""
 
-    _LAYOUT = ("world_size", "batch_size", "num_workers", "shuffle_buffer")
+    _STREAM = ("shards", "seed", "shuffle", "interleave", "repeats")  # what the order depends on
 
     def __init__(self, dataset: ShardStream, num_workers: int, epoch_fn: Callable[[], int],
                  pin_memory: bool = False):
         self.dataset, self.num_workers, self.epoch_fn, self.pin_memory = dataset, num_workers, epoch_fn, pin_memory
-        self.epoch, self.consumed, self.skipped = 0, 0, 0
-        self.phases: tuple[Phase, ...] = ()
-        self._resume: dict[str, Any] | None = None
+        # this pass: its epoch, the positions consumed before it, the batches counted before it, its batches
+        self.epoch, self.start, self.before, self.consumed, self.skipped = 0, 0, 0, 0, 0
+        self._resume: dict[str, int] | None = None
 
-    def _phases_for(self, epoch: int) -> tuple[Phase, ...]:
+    def _position(self, epoch: int) -> tuple[int, int]:
+        """(positions consumed, batches counted) of ``epoch`` before the next pass."""
         if self._resume is not None:
-            return tuple(self._resume["phases"]) if self._resume["epoch"] == epoch else ()
-        return self.phases if epoch == self.epoch else ()
-
-    def _length(self, epoch: int, phases: tuple[Phase, ...]) -> int:
-        return sum(p.consumed for p in phases) + self.dataset.plan(epoch, phases).batches_per_rank
+            r = self._resume
+            return (r["samples"], r["batches"]) if r["epoch"] == epoch else (0, 0)
+        return (self.start, self.before) if epoch == self.epoch else (0, 0)
 
     def __len__(self) -> int:
         epoch = self.epoch_fn()
-        return self._length(epoch, self._phases_for(epoch))
+        start, before = self._position(epoch)
+        return before + self.dataset.steps(epoch, start)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch_fn()
-        phases, start = self._phases_for(epoch), 0
-        if self._resume is not None and self._resume["epoch"] == epoch:
-            start = self._resume["consumed"]
-        self._resume = None
-        self.epoch, self.consumed, self.phases = epoch, start, phases
+        (self.start, self.before), self._resume = self._position(epoch), None
+        self.epoch, self.consumed = epoch, 0
         ds = self.dataset
-        ds.epoch, ds.consumed, ds.phases = epoch, start, phases
+        ds.epoch, ds.start, ds.consumed = epoch, self.start, 0
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, worker_init_fn=_one_thread,
                             pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None)
         for batch in loader:
@@ -189,33 +236,54 @@ class StreamLoader:
             self.skipped += batch["skipped"]
             yield batch
 
+    @property
+    def batches(self) -> int:
+        """Batches the training loop counted this epoch (across a resume)."""
+        return self.before + self.consumed
+
     def fingerprint(self) -> dict[str, Any]:
         ds = self.dataset
-        return {"shards": list(ds.sizes), "seed": ds.seed, "world_size": ds.world_size,
-                "batch_size": ds.batch_size, "num_workers": self.num_workers, "shuffle": ds.cfg.shuffle,
-                "shuffle_buffer": ds.cfg.shuffle_buffer, "repeats": ds.cfg.repeats}
+        return {"shards": list(ds.sizes), "seed": ds.seed, "shuffle": ds.cfg.shuffle,
+                "interleave": ds.cfg.interleave, "repeats": ds.cfg.repeats}
+
+    def layout(self) -> dict[str, int]:
+        ds = self.dataset
+        return {"world_size": ds.world_size, "batch_size": ds.batch_size, "num_workers": self.num_workers}
 
     def state_dict(self) -> dict[str, Any]:
-        epoch, consumed, phases = self.epoch, self.consumed, self.phases
-        if sum(p.consumed for p in phases) + consumed >= self._length(epoch, phases):
-            epoch, consumed, phases = epoch + 1, 0, ()  # a finished epoch resumes at the next one's start
-        return {"epoch": epoch, "consumed": consumed, "phases": [asdict(p) for p in phases],
-                "skipped": self.skipped, "plan": self.fingerprint()}
+        ds = self.dataset
+        epoch, samples = self.epoch, self.start + self.consumed * ds.layout.step_size
+        batches = self.batches
+        if ds.steps(epoch, samples) == 0:
+            epoch, samples, batches = epoch + 1, 0, 0  # a finished epoch resumes at the next one's start
+        return {"order": ORDER_VERSION, "epoch": epoch, "samples": samples, "batches": batches,
+                "skipped": self.skipped, "stream": self.fingerprint(), "layout": self.layout()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = state.get("skipped", 0)
-        saved, now = {"repeats": 1, **state["plan"]}, self.fingerprint()  # checkpoints from before repeats
-        phases = tuple(Phase(**p) for p in state.get("phases", []))
-        changed = sorted(k for k, v in now.items() if saved.get(k) != v)
-        if not changed:
-            self._resume = {"epoch": state["epoch"], "consumed": state["consumed"], "phases": phases}
-        elif set(changed) <= set(self._LAYOUT):
-            done = Phase(saved["world_size"], saved["batch_size"], saved["num_workers"],
-                         max(saved["shuffle_buffer"], 1), state["consumed"])
-            log.warning("data layout changed since the checkpoint (%s): the rest of epoch %d is dealt out anew "
-                        "from the samples not yet seen", ", ".join(changed), state["epoch"])
-            self._resume = {"epoch": state["epoch"], "consumed": 0, "phases": (*phases, done)}
-        else:
-            log.warning("data stream changed since the checkpoint (%s): epoch %d restarts from its first batch, "
-                        "so samples already seen this epoch may repeat", ", ".join(changed), state["epoch"])
-            self._resume = {"epoch": state["epoch"], "consumed": 0, "phases": ()}
+        epoch = state["epoch"]
+        if state.get("order") != ORDER_VERSION:
+            # A checkpoint of the earlier order: its position names batches of a layout-dependent plan, which
+            # have no place in this order. The epoch is read again from its start, said so.
+            batches = state.get("consumed", 0) + sum(p["consumed"] for p in state.get("phases", []))
+            if batches:
+                log.warning("the checkpoint's data position (%d batches into epoch %d) was written by the "
+                            "earlier sample order, which this version replaced: epoch %d is read again from its "
+                            "first sample, so the samples of those %d batches are seen twice this epoch",
+                            batches, epoch, epoch, batches)
+            self._resume = {"epoch": epoch, "samples": 0, "batches": batches}
+            return
+        saved, now = state["stream"], self.fingerprint()
+        changed = sorted(k for k in self._STREAM if saved.get(k) != now[k])
+        if changed:
+            if state["samples"]:
+                log.warning("data stream changed since the checkpoint (%s): epoch %d is read again from its first "
+                            "sample, so the %d samples already seen this epoch are seen twice",
+                            ", ".join(changed), epoch, state["samples"])
+            self._resume = {"epoch": epoch, "samples": 0, "batches": state["batches"]}
+            return
+        moved = sorted(k for k, v in self.layout().items() if state.get("layout", {}).get(k) != v)
+        if moved and state["samples"]:
+            log.info("data layout changed since the checkpoint (%s): epoch %d continues after its first %d samples",
+                     ", ".join(moved), epoch, state["samples"])
+        self._resume = {"epoch": epoch, "samples": state["samples"], "batches": state["batches"]}

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import fsspec
+import numpy as np
 from webdataset import TarWriter
 from webdataset.tariterators import base_plus_ext
 
@@ -73,9 +74,10 @@ def _complete(sample: dict[str, Any], previous: frozenset[str] | None) -> bool:
     return previous is not None and previous <= set(sample)
 
 
-def tar_samples(f, url: str, read_data: bool = True) -> Iterator[dict[str, Any]]:
+def tar_samples(f, url: str, read_data: bool = True, offsets: list[int] | None = None) -> Iterator[dict[str, Any]]:
     """Samples {"__key__", "__url__", ext: bytes, ...} of the tar stream ``f``, in tar order, undecoded
-    (``read_data`` False: ext -> None, members' data skipped, for counting).
+    (``read_data`` False: ext -> None, members' data skipped, for counting). ``offsets``, when given, receives
+    the byte offset of each sample's first header and, for a whole archive, the end of its last member.
 
     A sample is yielded as soon as the next member's header shows another key, before that member's data is
     read: a cut in one sample never costs the sample before it. A shard readable only in part yields its
@@ -101,6 +103,8 @@ def tar_samples(f, url: str, read_data: bool = True) -> Iterator[dict[str, Any]]
                 count, previous, current = count + 1, frozenset(current), None
             if current is None:
                 current = {"__key__": key, "__url__": url}
+                if offsets is not None:
+                    offsets.append(info.offset)
             if ext in current:
                 raise TruncatedShard(url, count, f"member {info.name} repeats extension .{ext} of sample {key}")
             current[ext] = tar.extractfile(info).read() if read_data else None
@@ -109,10 +113,13 @@ def tar_samples(f, url: str, read_data: bool = True) -> Iterator[dict[str, Any]]
             raise
         lost = f"; sample {current['__key__']} not counted" if current else ""
         raise TruncatedShard(url, count, f"cut inside member {last} or its padding ({err}){lost}") from None
+    end = tar.offset  # after the last member's padded data
     problem = _end_problem(tar, last)
     if problem is None:
         if current is not None:
             yield current
+        if offsets is not None:
+            offsets.append(end)
         return
     if current is not None:
         if _complete(current, previous):
@@ -143,17 +150,20 @@ class ShardScan:
     extensions: set[str] = field(default_factory=set)
     truncated: str | None = None
     """Why the shard is readable only up to ``num_samples`` (None: the archive is whole)."""
+    offsets: list[int] = field(default_factory=list)
+    """Byte offset of each sample and the end of the last one (whole archives only; empty otherwise)."""
 
 
 def scan_shard(url: str) -> ShardScan:
     """Count a shard's complete samples from the tar headers alone, and check that the archive is whole."""
     fs, path = fsspec.core.url_to_fs(url)
-    scan = ShardScan(0)
+    scan, offsets = ShardScan(0), []
     with fs.open(path, "rb") as f:
         try:
-            for sample in tar_samples(f, url, read_data=False):
+            for sample in tar_samples(f, url, read_data=False, offsets=offsets):
                 scan.num_samples += 1
                 scan.extensions.update(k for k in sample if not k.startswith("__"))
+            scan.offsets = offsets
         except TruncatedShard as err:
             scan.truncated = err.reason
     return scan
@@ -209,22 +219,74 @@ class _HashingWriter(io.RawIOBase):
         return self.inner.write(b)
 
 
-def write_shard(url: str, samples) -> tuple[int, str, int]:
-    """Write samples ({"__key__": ..., ext: bytes}) to ``url``; returns (count, sha256, bytes).
+@dataclass
+class WrittenShard:
+    count: int
+    sha256: str
+    bytes: int
+    offsets: list[int]
+    """Byte offset of each sample's first header, then the end of the last sample (see ``read_run``)."""
+
+
+def write_shard(url: str, samples) -> WrittenShard:
+    """Write samples ({"__key__": ..., ext: bytes}) to ``url``.
 
     Written under a temporary name and moved into place, so a reader never sees half a shard.
     """
     fs, path = fsspec.core.url_to_fs(url)
     tmp = path + ".partial"
-    count = 0
+    offsets: list[int] = []
     with fs.open(tmp, "wb") as raw:
         hashing = _HashingWriter(raw)
         with TarWriter(hashing) as sink:
             for sample in samples:
+                offsets.append(sink.tarstream.offset)  # the archive's position, whatever its stream buffers
                 sink.write(sample)
-                count += 1
+            offsets.append(sink.tarstream.offset)
     fs.mv(tmp, path)
-    return count, hashing.sha.hexdigest(), hashing.nbytes
+    return WrittenShard(len(offsets) - 1, hashing.sha.hexdigest(), hashing.nbytes, offsets)
+
+
+def write_offsets(url: str, offsets: list[int]) -> None:
+    """A shard's sample offsets as little-endian uint64 (n + 1 of them), for ranged reads of any run."""
+    with fsspec.open(url, "wb") as f:
+        f.write(np.asarray(offsets, dtype="<u8").tobytes())
+
+
+def read_offsets(url: str) -> np.ndarray:
+    with fsspec.open(url, "rb") as f:
+        return np.frombuffer(f.read(), dtype="<u8").astype(np.int64)
+
+
+def read_run(url: str, offsets: np.ndarray, first: int, stop: int, retry: ReadRetry,
+             sleep: Callable[[float], None] = time.sleep, counter: list[int] | None = None,
+             ) -> Iterator[dict[str, Any] | None]:
+    """Samples ``first`` to ``stop`` of a shard, in order, read with one ranged request of exactly their bytes
+    (``offsets``: the shard's sample offsets); None for each one that could not be read. A transient error is
+    retried under ``retry`` from the first sample not yet yielded; a permanent one (the bytes are not the
+    samples the offsets promise) ends the run. ``counter[0]`` adds up the bytes fetched."""
+    got = 0
+    attempts = Attempts(retry, f"shard {url}", final=PERMANENT, sleep=sleep)
+    fs, path = fsspec.core.url_to_fs(url)
+    while got < stop - first:
+        lo, hi = int(offsets[first + got]), int(offsets[stop])
+        try:
+            data = fs.cat_file(path, start=lo, end=hi)
+            if counter is not None:
+                counter[0] += len(data)
+            samples = list(tar_samples(io.BytesIO(data + END_OF_ARCHIVE), url))
+            if len(samples) != stop - first - got:
+                raise ValueError(f"bytes {lo}-{hi} hold {len(samples)} samples, not the {stop - first - got} its "
+                                 "offsets promise (was the shard rewritten?)")
+            for sample in samples:
+                got += 1
+                yield sample
+        except Exception as err:  # connection refused/reset, timeouts, 5xx: the store may come back
+            if not attempts.retry(err, f", from sample {first + got}"):
+                log.warning("shard %s: samples %d-%d unreadable: %s", url, first + got, stop - 1, err)
+                break
+    for _ in range(stop - first - got):
+        yield None
 
 
 def sha256_of(url: str) -> tuple[str, int]:

@@ -37,7 +37,7 @@ from .run_record import RunRecord, TrainResult
 from .ui import browse_command
 
 log = logging.getLogger(__name__)
-# Our loader plans rank and worker splits itself (data.plan), so Lightning's generic caution does not apply.
+# Our loader deals out rank and worker batches itself (data.order), so Lightning's generic caution does not apply.
 warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
 
 
