@@ -107,9 +107,9 @@ def test_labelled_stream_skips_and_names_samples_without_a_usable_label(tmp_path
 
 
 def test_bad_samples_keep_the_ranks_batch_counts_equal(tmp_path):
-    """All bad samples in rank 0's share (no shuffling: rank 0 reads the first half): both ranks still
-    deliver the same number of batches, rank 0's empty (they take a zero step)."""
-    write_shards(tmp_path / "s", [["nolabel"] * 16, ["good"] * 16])
+    """All bad samples in rank 0's share (no shuffling: each step's 8 samples in tar order, rank 0 takes the
+    first 4): both ranks still deliver the same number of batches, rank 0's empty (they take a zero step)."""
+    write_shards(tmp_path / "s", [(["nolabel"] * 4 + ["good"] * 4) * 2, (["nolabel"] * 4 + ["good"] * 4) * 2])
     ranks = [list(stream(tmp_path / "s", labelled=True, rank=r, world=2, shuffle=False)) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 4
     assert all(b["image"].shape[0] == 0 and b["skipped"] == 4 for b in ranks[0])
@@ -203,10 +203,10 @@ def test_labelled_run_counts_bad_samples_and_stops_past_the_fraction(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_ranks_stop_together_when_only_one_rank_sees_bad_samples(tmp_path, child_env):
-    """Without shuffling rank 0 reads the first half of the samples: every other one of them is corrupt,
-    rank 1's are all good. The verdict is collective, so both ranks stop (exit 2) and neither waits forever
-    in a collective the other left."""
-    write_shards(tmp_path / "s", [["good", "corrupt"] * 16, ["good"] * 32])
+    """Without shuffling each step reads 16 samples in tar order, rank 0 the first 8: every other one of them
+    is corrupt, rank 1's are all good. The verdict is collective, so both ranks stop (exit 2) and neither
+    waits forever in a collective the other left."""
+    write_shards(tmp_path / "s", [(["good", "corrupt"] * 4 + ["good"] * 8) * 2, ["good"] * 32])
     o = tiny_overrides(tmp_path / "s", tmp_path, **{
         "trainer.strategy": "ddp", "trainer.devices": 2, "trainer.global_batch": 16, "trainer.max_steps": 4,
         "trainer.log_every_n_steps": 2, "data.num_workers": 1, "data.shuffle": "false",

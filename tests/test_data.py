@@ -484,7 +484,8 @@ def test_stream_two_ranks_disjoint_deterministic(fmnist_train):
         assert len(keys) == len(set(keys)) == nb * batch, "a key repeats within a rank"
         seen.append(set(keys))
         for b in run:
-            assert b["image"].shape == (batch, 3, 16, 16) and b["image"].dtype == torch.float32
+            assert b["image"].shape == (batch, 3, 16, 16) and b["image"].dtype == torch.uint8  # standardised later
+            assert b["erase"].shape == (batch, 5)
             assert b["label"].shape == (batch,) and b["label"].dtype == torch.long
             assert 0 <= int(b["label"].min()) and int(b["label"].max()) < 10
             assert b["skipped"] == 0
@@ -602,6 +603,34 @@ def test_runs_are_read_with_ranged_requests_of_their_own_bytes(fmnist_train):
     assert delivered > 0 and ds.bytes_read <= 1.1 * delivered, (ds.bytes_read, delivered)
     for b in batches:
         assert len({name_to_shard[k.split("/")[0]] for k in b["key"]}) <= 2 * 3  # a batch may cross two spans
+
+
+def test_uint8_crosses_the_process_boundary_and_the_device_standardises_as_the_host_did(fmnist_train):
+    """Workers ship uint8 (a quarter of float32's bytes) and the erase boxes they drew; the training process's
+    DeviceNormalise then gives bitwise what the whole host transform gives for the same sample."""
+    from pipeline.data.datamodule import ShardDataModule
+    from pipeline.data.decode import open_image
+    from pipeline.data.stream import image_bytes
+
+    manifest, _ = fmnist_train
+    tcfg = TransformConfig(image_size=(16, 16), random_erase=0.5)
+    ds = make_stream(manifest, 32, seed=2)
+    ds.cfg = StreamConfig(shuffle=True, num_workers=2, transform=tcfg)
+    ds.transform = TrainTransform(tcfg)
+    (batch,) = take(StreamLoader(ds, num_workers=2, epoch_fn=lambda: 0), limit=1)
+    assert batch["image"].dtype == torch.uint8
+    assert batch["image"].numel() * batch["image"].element_size() == 32 * 3 * 16 * 16  # bytes per batch
+    assert 0 < int((batch["erase"][:, 2] > 0).sum()) < 32  # some samples erased, some not (p = 0.5)
+
+    dm = ShardDataModule.__new__(ShardDataModule)
+    dm.normalise = TrainTransform(tcfg).finish
+    out = dm.on_after_batch_transfer(dict(batch), 0)
+    assert out["image"].dtype == torch.float32 and "erase" not in out
+    samples = {stream_key(u, s["__key__"]): s for u in manifest.shard_urls() for s in iter_raw_samples(u)}
+    host = TrainTransform(tcfg)
+    for key, x in zip(batch["key"], out["image"]):
+        expected = host(open_image(image_bytes(samples[key])), random.Random(f"2/0/{key}"))
+        assert torch.equal(x, expected), key
 
 
 # ------------------------------------------------------------------------------------- corrupt samples

@@ -132,6 +132,11 @@ def test_a_new_objective_trains_exports_registers_and_evaluates(patch_ae, fmnist
     assert isinstance(recipe, PatchAERecipe) and recipe.data.transform.image_size == (16, 16)
     result = train(recipe, resume="none")
     assert result.global_step == 6 and result.checkpoint.name == "step-00000006"
+    # every objective gets the common bookkeeping, e.g. how long the loop waited for data
+    from mlflow import MlflowClient
+
+    assert "perf/data_wait_frac" in MlflowClient(recipe.tracking.uri).get_run(result.run_id).data.metrics
+    assert any(line.startswith("data wait: ") for line in result.summary.lines)
 
     out = export_checkpoint(result.checkpoint, tmp_path / "export")
     exported = PatchAE(recipe.model)

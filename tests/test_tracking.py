@@ -81,7 +81,7 @@ def test_uris_without_http_credentials_are_left_alone(no_credentials, monkeypatc
 
 def test_resuming_does_not_report_a_scrubbed_uri_as_a_change(no_credentials, tmp_path, caplog):
     from pipeline.recipe import load_recipe
-    from pipeline.stages.train import _warn_changed_config
+    from pipeline.stages.run_record import _warn_changed_config
 
     old = load_recipe("mae/tiny_fmnist").to_dict()
     old["tracking"]["uri"] = "http://alice:pw@mlflow.example:5000"  # written before passwords were scrubbed

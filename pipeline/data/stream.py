@@ -14,6 +14,7 @@ import logging
 import posixpath
 import random
 import signal
+import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
@@ -158,8 +159,8 @@ class ShardStream(IterableDataset):
         return out
 
     def _decode(self, item: tuple[dict[str, Any] | None, int, str], epoch: int
-                ) -> tuple[str, tuple[torch.Tensor, int] | str]:
-        """(key, (image [3, H, W], label)), or (key, reason) for a bad sample."""
+                ) -> tuple[str, tuple[torch.Tensor, tuple[int, ...], int] | str]:
+        """(key, (uint8 image [3, H, W], random-erasing box, label)), or (key, reason) for a bad sample."""
         sample, copy, where = item
         if sample is None:  # read_segment has warned about the shard
             return where, "unreadable: its shard failed or ended before it"
@@ -173,21 +174,24 @@ class ShardStream(IterableDataset):
             return key, str(err)
         try:
             img = open_image(image_bytes(sample))
-            x = self.transform(img, random.Random(seed))
+            x, erase = self.transform.sample(img, random.Random(seed))
         except StopIteration:
             log.warning("skipping sample %s: no image (none of %s)", key, ", ".join(IMAGE_KEYS))
             return key, f"no image (none of {', '.join(IMAGE_KEYS)})"
         except Exception as err:
             log.warning("skipping corrupt sample %s: %s", key, err)
             return key, f"corrupt image: {err}"
-        return key, (x, label)
+        return key, (x, erase, label)
 
-    def _collate(self, batch: list[tuple[str, tuple[torch.Tensor, int] | str]]) -> dict[str, Any]:
+    def _collate(self, batch: list[tuple[str, tuple[torch.Tensor, tuple[int, ...], int] | str]]) -> dict[str, Any]:
+        """{"image": uint8 [b, 3, H, W], "erase": [b, 5] random-erasing boxes, "label" [b], ...}: the training
+        process standardises on its device (``ShardDataModule.on_after_batch_transfer``)."""
         good = [(key, item) for key, item in batch if not isinstance(item, str)]
         bad = [(key, item) for key, item in batch if isinstance(item, str)]
         h, w = self.cfg.transform.image_size
-        images = torch.stack([x for _, (x, _) in good]) if good else torch.empty(0, 3, h, w)
-        return {"image": images, "label": torch.tensor([y for _, (_, y) in good], dtype=torch.long),
+        images = torch.stack([x for _, (x, _, _) in good]) if good else torch.empty(0, 3, h, w, dtype=torch.uint8)
+        return {"image": images, "erase": torch.tensor([e for _, (_, e, _) in good], dtype=torch.long).view(-1, 5),
+                "label": torch.tensor([y for _, (_, _, y) in good], dtype=torch.long),
                 "key": [key for key, _ in good], "skipped": len(bad), "bad": bad}
 
 
@@ -210,6 +214,7 @@ class StreamLoader:
         # this pass: its epoch, the positions consumed before it, the batches counted before it, its batches
         self.epoch, self.start, self.before, self.consumed, self.skipped = 0, 0, 0, 0, 0
         self._resume: dict[str, int] | None = None
+        self.wait_s = 0.0  # seconds the training loop waited for batches, over the life of the loader
 
     def _position(self, epoch: int) -> tuple[int, int]:
         """(positions consumed, batches counted) of ``epoch`` before the next pass."""
@@ -231,7 +236,13 @@ class StreamLoader:
         ds.epoch, ds.start, ds.consumed = epoch, self.start, 0
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, worker_init_fn=_one_thread,
                             pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None)
-        for batch in loader:
+        batches = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            self.wait_s += time.perf_counter() - t0  # the training loop's wait for this batch
+            if batch is None:
+                return
             self.consumed += 1
             self.skipped += batch["skipped"]
             yield batch

@@ -2,6 +2,11 @@
 
 Each sample's augmentation is drawn from its own ``random.Random`` seeded by (seed, epoch, key), so the
 same sample gets the same crop in an uninterrupted and a resumed run, whichever worker decodes it.
+
+Training splits the work where it is cheapest: loader workers decode, crop, flip and RandAugment to uint8
+(``TrainTransform.sample``: a quarter of float32's bytes cross the process boundary and the host-to-device
+copy), and the training process standardises and paints random erasing on the device
+(``DeviceNormalise``), in fp32, with the boxes and noise seeds the workers drew.
 """
 from __future__ import annotations
 
@@ -62,11 +67,13 @@ def rand_augment(spec: str, mean: tuple[float, float, float]):
                          f"{err}") from None
 
 
-def random_erase(x: torch.Tensor, rng: random.Random, scale: tuple[float, float] = (0.02, 1 / 3),
-                 ratio: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
-    """Erase one rectangle of x [C, H, W] (normalised) with N(0, 1) noise per pixel, in place (timm's
-    RandomErasing, mode "pixel", one box), drawing everything from ``rng``."""
-    c, h, w = x.shape
+NO_ERASE = (0, 0, 0, 0, 0)  # an erase row of a sample without random erasing
+
+
+def erase_box(h: int, w: int, rng: random.Random, scale: tuple[float, float] = (0.02, 1 / 3),
+              ratio: tuple[float, float] = (0.3, 3.3)) -> tuple[int, int, int, int, int]:
+    """timm's RandomErasing box (mode "pixel", one box) for an [*, h, w] image: (top, left, height, width,
+    noise seed), drawn from ``rng``; ``NO_ERASE`` when ten tries find no box that fits."""
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
         target = h * w * rng.uniform(*scale)
@@ -74,10 +81,43 @@ def random_erase(x: torch.Tensor, rng: random.Random, scale: tuple[float, float]
         eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
         if 0 < eh < h and 0 < ew < w:
             top, left = rng.randint(0, h - eh), rng.randint(0, w - ew)
-            noise = torch.randn(c, eh, ew, generator=torch.Generator().manual_seed(rng.getrandbits(63)))
-            x[:, top:top + eh, left:left + ew] = noise
-            break
+            return top, left, eh, ew, rng.getrandbits(63)
+    return NO_ERASE
+
+
+def paint_erase(x: torch.Tensor, box: tuple[int, int, int, int, int]) -> torch.Tensor:
+    """Fill ``box`` of x [C, H, W] (standardised) with N(0, 1) noise from the box's seed, in place; the noise
+    is drawn on x's device (on the CPU the numbers are those of timm's CPU path)."""
+    top, left, eh, ew, seed = box
+    if eh:
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        x[:, top:top + eh, left:left + ew] = torch.randn(x.shape[0], eh, ew, generator=gen, device=x.device)
     return x
+
+
+def random_erase(x: torch.Tensor, rng: random.Random, scale: tuple[float, float] = (0.02, 1 / 3),
+                 ratio: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
+    """Erase one rectangle of x [C, H, W] (standardised) with N(0, 1) noise per pixel, in place (timm's
+    RandomErasing, mode "pixel", one box), drawing everything from ``rng``."""
+    return paint_erase(x, erase_box(x.shape[1], x.shape[2], rng, scale, ratio))
+
+
+class DeviceNormalise:
+    """Where the batch is (the training device): uint8 images [b, 3, H, W] -> fp32 standardised (as
+    ``Normalise``), with each sample's random erasing (rows of ``erase`` [b, 5], see ``erase_box``) painted."""
+
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor, erase: torch.Tensor | None = None) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"expected uint8 images from the loader, got {images.dtype}")
+        x = (images.float().div_(255.0) - self.mean.to(images.device)) / self.std.to(images.device)
+        if erase is not None:
+            for i, row in enumerate(erase.tolist()):  # [5] ints; a few boxes per batch at most draw noise
+                paint_erase(x[i], tuple(row))
+        return x
 
 
 class TrainTransform:
@@ -86,11 +126,19 @@ class TrainTransform:
 
     def __init__(self, cfg: TransformConfig):
         self.cfg = cfg
-        self.to_tensor = Normalise(cfg.mean, cfg.std)
+        self.finish = DeviceNormalise(cfg.mean, cfg.std)
         self.rand_augment = rand_augment(cfg.rand_augment, cfg.mean) if cfg.rand_augment else None
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
-        """``img`` may still be undecoded (``Image.open``): the crop is chosen from the header's size, and a
+        """The whole transform on the host: standardised float [3, H, W] (what ``sample`` and
+        ``DeviceNormalise`` give together)."""
+        x, erase = self.sample(img, rng)
+        return self.finish(x[None], torch.tensor([erase]))[0]
+
+    def sample(self, img: Image.Image, rng: random.Random) -> tuple[torch.Tensor, tuple[int, int, int, int, int]]:
+        """The loader worker's part: (uint8 [3, H, W], random-erasing box or ``NO_ERASE``).
+
+        ``img`` may still be undecoded (``Image.open``): the crop is chosen from the header's size, and a
         JPEG is then decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the output."""
         cfg = self.cfg
         left, top, w, h = crop_box(img.width, img.height, cfg.crop_scale, cfg.crop_ratio, rng)
@@ -110,7 +158,8 @@ class TrainTransform:
             random.seed(rng.getrandbits(64))
             np.random.seed(rng.getrandbits(32))
             img = self.rand_augment(img)
-        x = self.to_tensor(img)
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W] uint8
+        erase = NO_ERASE
         if cfg.random_erase and rng.random() < cfg.random_erase:
-            x = random_erase(x, rng)
-        return x
+            erase = erase_box(out_h, out_w, rng)
+        return x, erase

@@ -29,7 +29,7 @@ from ..objectives.spec import Training
 from ..recipe import RunRecipe
 from ..tasks import Schedule
 from ..tracking import resolve_uri
-from ..tracking.callbacks import SampleTrace, SystemMetrics
+from ..tracking.callbacks import DataWait, SampleTrace, SystemMetrics
 from ..tracking.mlflow_setup import tracking_failures
 from ..tracking.progress import progress_callbacks
 from ..tracking.secrets import scrub_url
@@ -119,7 +119,8 @@ def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: S
     cluster = cluster_environment(layout)
     record = RunRecord(recipe, plan.resume)
     logger = record.open_logger()
-    callbacks: list[L.Callback] = []
+    data_wait = DataWait()
+    callbacks: list[L.Callback] = [data_wait]
     if plan.resume is not None and plan.resume.fetch is not None:
         callbacks.append(FetchCheckpoint(plan.resume))
     if tr.sample_trace:
@@ -155,6 +156,9 @@ def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: S
                          tracking_failures=tracking_failures(logger),
                          preempted=preemption.preempted if preemption else None,
                          is_global_zero=trainer.is_global_zero)
+    if (waited := data_wait.fraction()) is not None and waited[1] > 0:
+        result.summary.add(f"data wait: {waited[0] / waited[1]:.1%} of the training loop's time on this rank "
+                           f"({waited[0]:.1f} s of {waited[1]:.1f} s; perf/data_wait_frac per step)")
     if result.tracking_failures:
         result.summary.add(f"{logger.tracking.summary()}; training was not affected")
     return result

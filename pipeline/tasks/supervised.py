@@ -28,8 +28,11 @@ def drop_unusable_labels(batch: dict[str, Any], num_classes: int) -> dict[str, A
     dropped = [(k, "no label" if y < 0 else f"label {y} is outside [0, {num_classes})")
                for k, y, ok in zip(keys, labels.tolist(), keep.tolist()) if not ok]
     kept = keep.nonzero().flatten().tolist()
-    return {**batch, "image": batch["image"][keep], "label": labels[keep], "key": [keys[i] for i in kept],
-            "skipped": batch.get("skipped", 0) + len(dropped), "bad": [*batch.get("bad", []), *dropped]}
+    out = {**batch, "image": batch["image"][keep], "label": labels[keep], "key": [keys[i] for i in kept],
+           "skipped": batch.get("skipped", 0) + len(dropped), "bad": [*batch.get("bad", []), *dropped]}
+    if "erase" in batch:  # the kept samples' random-erasing boxes
+        out["erase"] = batch["erase"][keep]
+    return out
 
 
 class SupervisedTask(StreamTask):

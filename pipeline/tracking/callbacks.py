@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,38 @@ class SystemMetrics(L.Callback):
             metrics["system/gpu_memory_allocated_megabytes"] = torch.cuda.memory_allocated(device) / 2**20
             metrics["system/gpu_memory_peak_megabytes"] = torch.cuda.max_memory_allocated(device) / 2**20
         trainer.logger.log_metrics(metrics, step=step)
+
+
+class DataWait(L.Callback):
+    """``perf/data_wait_frac``: the share of each training batch's wall time the loop spent waiting for the
+    batch (the loader's ``wait_s``); above a few percent the devices are starved of data. The run's overall
+    share is ``fraction()``, which the run summary shows."""
+
+    def __init__(self) -> None:
+        self.started: tuple[float, float] | None = None
+        self.last: tuple[float, float] | None = None
+
+    @staticmethod
+    def _loader(trainer: L.Trainer) -> Any:
+        return getattr(getattr(trainer, "datamodule", None), "loader", None)
+
+    def _now(self, trainer: L.Trainer) -> tuple[float, float] | None:
+        loader = self._loader(trainer)
+        return None if loader is None else (time.perf_counter(), loader.wait_s)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.started = self.last = self._now(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int):
+        now = self._now(trainer)
+        if now is None or self.last is None:
+            return
+        (t0, w0), (t1, w1) = self.last, now
+        self.last = now
+        pl_module.log("perf/data_wait_frac", (w1 - w0) / max(t1 - t0, 1e-9), batch_size=1)
+
+    def fraction(self) -> tuple[float, float] | None:
+        """(waited seconds, the loop's seconds) since training started; None before."""
+        if self.started is None or self.last is None:
+            return None
+        return self.last[1] - self.started[1], self.last[0] - self.started[0]
