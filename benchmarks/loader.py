@@ -4,7 +4,8 @@ Builds (once) a folder of real JPEG photos from scikit-image's sample images (ra
 so every file differs), shards it with `vitpipe shard`'s code, then times:
   1. bare loop: read every sample's bytes from the tar shards, PIL decode, torchvision RandomResizedCrop +
      flip + ToTensor + Normalize, one process;
-  2. vitpipe's StreamLoader with 0, 1 and 2 worker processes (decode + crop + flip + normalise + batch).
+  2. vitpipe's StreamLoader with 0, 1 and 2 worker processes (decode + crop + flip + batch in the workers,
+     uint8; standardising in this process, as training does on its device).
 With --s3, the same shards are also copied into a local SeaweedFS S3 server (tests/s3_server.py, started
 here) and the StreamLoader with 1 and 2 workers, and a raw read of every shard's bytes, are timed from
 s3:// beside local disk; the server's CPU time is reported, since it shares the machine's cores.
@@ -78,10 +79,12 @@ def stream_loader(manifest_url: str, size: int, workers: int, batch: int) -> flo
     m = load_manifest(manifest_url)
     cfg = StreamConfig(train=manifest_url, num_workers=workers,
                        transform=TransformConfig(image_size=(size, size)))
-    ds = ShardStream(m.shard_urls(), [s.num_samples for s in m.shards], cfg, batch, seed=0)
+    ds = ShardStream(m.shard_urls(), [s.num_samples for s in m.shards], cfg, batch, seed=0,
+                     offsets=m.offsets_urls())
     loader = StreamLoader(ds, workers, epoch_fn=lambda: 0)
     n, start = 0, time.perf_counter()
     for b in loader:
+        ds.transform.finish(b["image"], b["erase"])  # standardising, which training does on the device
         n += b["image"].shape[0]
     return n / (time.perf_counter() - start)
 

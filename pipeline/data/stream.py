@@ -16,6 +16,7 @@ import random
 import signal
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -135,11 +136,22 @@ class ShardStream(IterableDataset):
         order, layout = self.order(), self.layout
         reader = RunReader(self.urls, self.offsets, self.cfg.read, self.cfg.interleave)
         # DataLoader takes batch i from worker i % k, and a resumed pass starts at worker 0 again.
-        for step in range(self.consumed + j, layout.steps(order.total, self.start), k):
-            first = layout.batch_start(self.start, step, self.rank)
-            batch = [self._decode(item, order.epoch) for item in self._read(order, first, reader)]
-            self.bytes_read = reader.bytes[0]
-            yield self._collate(batch)
+        steps = range(self.consumed + j, layout.steps(order.total, self.start), k)
+
+        def fetch(i: int) -> Future | None:
+            """Read-ahead: the next batch's runs are fetched on a thread while this one decodes (one batch of
+            encoded bytes in memory at most)."""
+            if i >= len(steps):
+                return None
+            return ahead.submit(self._read, order, layout.batch_start(self.start, steps[i], self.rank), reader)
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as ahead:
+            pending = fetch(0)
+            for i in range(len(steps)):
+                items, pending = pending.result(), fetch(i + 1)
+                batch = [self._decode(item, order.epoch) for item in items]
+                self.bytes_read = reader.bytes[0]
+                yield self._collate(batch)
 
     def _read(self, order: EpochOrder, first: int, reader: RunReader
               ) -> list[tuple[dict[str, Any] | None, int, str]]:
