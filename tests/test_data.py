@@ -623,7 +623,7 @@ def test_uint8_crosses_the_process_boundary_and_the_device_standardises_as_the_h
     assert 0 < int((batch["erase"][:, 2] > 0).sum()) < 32  # some samples erased, some not (p = 0.5)
 
     dm = ShardDataModule.__new__(ShardDataModule)
-    dm.normalise = TrainTransform(tcfg).finish
+    dm.transform = TrainTransform(tcfg)
     out = dm.on_after_batch_transfer(dict(batch), 0)
     assert out["image"].dtype == torch.float32 and "erase" not in out
     samples = {stream_key(u, s["__key__"]): s for u in manifest.shard_urls() for s in iter_raw_samples(u)}

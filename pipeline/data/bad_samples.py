@@ -30,6 +30,26 @@ class BadSampleTally:
         self.examples.extend((str(key), str(reason)) for key, reason in batch.get("bad", [])[:max(room, 0)])
 
 
+PER_SAMPLE = ("image", "label", "erase", "encoded", "box", "flip")  # a batch's entries with one row per sample
+
+
+def without_samples(batch: dict[str, Any], reasons: dict[int, str]) -> dict[str, Any]:
+    """``batch`` without the samples at the indices of ``reasons``, which join its bad samples ("skipped"
+    count, "bad" (key, reason) pairs). Tensors and lists of one entry per sample are filtered alike."""
+    if not reasons:
+        return batch
+    n = len(batch["label"])
+    keys = batch.get("key") or [f"#{i}" for i in range(n)]
+    kept = [i for i in range(n) if i not in reasons]
+    out = {**batch, "key": [keys[i] for i in kept], "skipped": batch.get("skipped", 0) + len(reasons),
+           "bad": [*batch.get("bad", []), *((keys[i], reasons[i]) for i in sorted(reasons))]}
+    for name in PER_SAMPLE:
+        if name in batch:
+            value = batch[name]
+            out[name] = [value[i] for i in kept] if isinstance(value, list) else value[kept]
+    return out
+
+
 def too_many_bad(bad: int, seen: int, cfg: StreamConfig) -> bool:
     """With at least ``cfg.bad_grace_samples`` delivered, more than ``cfg.max_bad_fraction`` of them bad."""
     return seen > 0 and seen >= cfg.bad_grace_samples and bad > cfg.max_bad_fraction * seen

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..config import IMAGENET_MEAN, IMAGENET_STD, flatten
 from ..retry import RetryPolicy
@@ -77,6 +77,10 @@ class StreamConfig:
     shuffle_buffer: int | None = None
     """Not used: the window of the earlier sample order (kept so recipes and checkpoints that name it load)."""
     num_workers: int = 2
+    decode: Literal["cpu", "gpu"] = "cpu"
+    """Where training JPEGs are decoded: in the loader workers (cpu), or on the training device (gpu: workers
+    ship the bytes and the drawn crop; nvJPEG on a GPU, the same code on the CPU). Other images, and JPEGs the
+    device decoder refuses, are decoded on the CPU. RandAugment needs cpu."""
     transform: TransformConfig = field(default_factory=TransformConfig)
     read: ReadRetry = field(default_factory=ReadRetry)
     repeats: int = 1
@@ -92,6 +96,9 @@ class StreamConfig:
     few bad samples in the first batches do not stop a run."""
 
     def __post_init__(self) -> None:
+        if self.decode == "gpu" and self.transform.rand_augment:
+            raise ValueError("decode: gpu cannot apply transform.rand_augment (RandAugment runs on PIL images in "
+                             "the loader workers): use decode: cpu")
         if self.interleave < 1:
             raise ValueError(f"interleave {self.interleave} must be >= 1")
         if self.repeats < 1:

@@ -9,7 +9,9 @@ import torch
 from .config import StreamConfig
 from .manifest import Manifest, load_manifest
 from .stream import ShardStream, StreamLoader
-from .transforms import DeviceNormalise
+from .bad_samples import without_samples
+from .device_decode import decode_batch
+from .transforms import TrainTransform
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -23,7 +25,7 @@ class ShardDataModule(L.LightningDataModule):
         self.labelled, self.num_classes = labelled, num_classes
         self.manifest: Manifest = load_manifest(cfg.train)
         self.loader: StreamLoader | None = None
-        self.normalise = DeviceNormalise(cfg.transform.mean, cfg.transform.std)
+        self.transform = TrainTransform(cfg.transform)  # its device half: decode (gpu), standardise, erase
         self._pending_state: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
@@ -47,8 +49,13 @@ class ShardDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """uint8 images (a quarter of float32's bytes through the loader's queues and the host-to-device copy)
         -> fp32 standardised on the training device, random erasing painted there."""
+        if "encoded" in batch:  # data.decode: gpu
+            images, failed = decode_batch(batch, self.transform)
+            batch = without_samples({**batch, "image": images}, failed)
+            for name in ("encoded", "box", "flip"):
+                del batch[name]
         if batch["image"].dtype == torch.uint8:
-            batch["image"] = self.normalise(batch["image"], batch.pop("erase", None))
+            batch["image"] = self.transform.finish(batch["image"], batch.pop("erase", None))
         return batch
 
     def state_dict(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import signal
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .bad_samples import label_if_any, parse_label
 from .config import ReadRetry, StreamConfig
 from .decode import open_image
+from .device_decode import device_decodable
 from .order import EpochOrder, Layout
 from .tar_io import read_offsets, read_run, read_segment
 from .transforms import TrainTransform
@@ -48,6 +50,19 @@ def _one_thread(_: int) -> None:
     # that their parent is gone.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@dataclass
+class Decoded:
+    """A good sample as a worker ships it: its uint8 image [3, H, W] (None: ``encoded`` is decoded on the
+    device, cropped to ``box`` and flipped as drawn), random-erasing box and label."""
+
+    image: torch.Tensor | None
+    erase: tuple[int, int, int, int, int]
+    label: int
+    encoded: bytes | None = None
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    flip: bool = False
 
 
 class RunReader:
@@ -170,9 +185,9 @@ class ShardStream(IterableDataset):
             out.append((got[shard, p // k], p % k, f"{name}/#{p // k}"))
         return out
 
-    def _decode(self, item: tuple[dict[str, Any] | None, int, str], epoch: int
-                ) -> tuple[str, tuple[torch.Tensor, tuple[int, ...], int] | str]:
-        """(key, (uint8 image [3, H, W], random-erasing box, label)), or (key, reason) for a bad sample."""
+    def _decode(self, item: tuple[dict[str, Any] | None, int, str], epoch: int) -> tuple[str, Decoded | str]:
+        """(key, the decoded sample, or the encoded one to decode on the device), or (key, reason) for a bad
+        sample."""
         sample, copy, where = item
         if sample is None:  # read_segment has warned about the shard
             return where, "unreadable: its shard failed or ended before it"
@@ -185,26 +200,39 @@ class ShardStream(IterableDataset):
             log.warning("skipping sample %s: %s", key, err)
             return key, str(err)
         try:
-            img = open_image(image_bytes(sample))
-            x, erase = self.transform.sample(img, random.Random(seed))
+            data = image_bytes(sample)
+            img, rng = open_image(data), random.Random(seed)
+            if self.cfg.decode == "gpu" and device_decodable(img):  # the header tells the crop; bytes travel
+                d = self.transform.draws(img.width, img.height, rng)
+                return key, Decoded(None, d.erase, label, data, d.box, d.flip)
+            x, erase = self.transform.sample(img, rng)
         except StopIteration:
             log.warning("skipping sample %s: no image (none of %s)", key, ", ".join(IMAGE_KEYS))
             return key, f"no image (none of {', '.join(IMAGE_KEYS)})"
         except Exception as err:
             log.warning("skipping corrupt sample %s: %s", key, err)
             return key, f"corrupt image: {err}"
-        return key, (x, erase, label)
+        return key, Decoded(x, erase, label)
 
-    def _collate(self, batch: list[tuple[str, tuple[torch.Tensor, tuple[int, ...], int] | str]]) -> dict[str, Any]:
+    def _collate(self, batch: list[tuple[str, Decoded | str]]) -> dict[str, Any]:
         """{"image": uint8 [b, 3, H, W], "erase": [b, 5] random-erasing boxes, "label" [b], ...}: the training
-        process standardises on its device (``ShardDataModule.on_after_batch_transfer``)."""
+        process standardises on its device (``ShardDataModule.on_after_batch_transfer``). With device decode,
+        also "encoded" (a JPEG's bytes, or None where the image is already decoded), "box" [b, 4], "flip" [b]."""
         good = [(key, item) for key, item in batch if not isinstance(item, str)]
         bad = [(key, item) for key, item in batch if isinstance(item, str)]
         h, w = self.cfg.transform.image_size
-        images = torch.stack([x for _, (x, _, _) in good]) if good else torch.empty(0, 3, h, w, dtype=torch.uint8)
-        return {"image": images, "erase": torch.tensor([e for _, (_, e, _) in good], dtype=torch.long).view(-1, 5),
-                "label": torch.tensor([y for _, (_, _, y) in good], dtype=torch.long),
-                "key": [key for key, _ in good], "skipped": len(bad), "bad": bad}
+        images = torch.zeros(len(good), 3, h, w, dtype=torch.uint8)  # encoded ones are filled on the device
+        for i, (_, d) in enumerate(good):
+            if d.image is not None:
+                images[i] = d.image
+        out = {"image": images, "erase": torch.tensor([d.erase for _, d in good], dtype=torch.long).view(-1, 5),
+               "label": torch.tensor([d.label for _, d in good], dtype=torch.long),
+               "key": [key for key, _ in good], "skipped": len(bad), "bad": bad}
+        if self.cfg.decode == "gpu":
+            out |= {"encoded": [d.encoded for _, d in good],
+                    "box": torch.tensor([d.box for _, d in good], dtype=torch.long).view(-1, 4),
+                    "flip": torch.tensor([d.flip for _, d in good], dtype=torch.bool)}
+        return out
 
 
 ORDER_VERSION = 2  # the sample order of ``order.EpochOrder``; checkpoints without it used the earlier one

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -120,6 +121,17 @@ class DeviceNormalise:
         return x
 
 
+@dataclass(frozen=True)
+class Draws:
+    """Every random choice of one sample's augmentation, drawn from its rng in a fixed order: crop box (left,
+    top, width, height, in the full image's pixels), flip, RandAugment's seeds, random-erasing box."""
+
+    box: tuple[int, int, int, int]
+    flip: bool
+    ra_seeds: tuple[int, int] | None
+    erase: tuple[int, int, int, int, int]
+
+
 class TrainTransform:
     """PIL image -> normalised tensor [3, H, W]: random resized crop and flip, then RandAugment and random
     erasing when configured. Every draw comes from the sample's ``rng``."""
@@ -135,31 +147,42 @@ class TrainTransform:
         x, erase = self.sample(img, rng)
         return self.finish(x[None], torch.tensor([erase]))[0]
 
-    def sample(self, img: Image.Image, rng: random.Random) -> tuple[torch.Tensor, tuple[int, int, int, int, int]]:
-        """The loader worker's part: (uint8 [3, H, W], random-erasing box or ``NO_ERASE``).
-
-        ``img`` may still be undecoded (``Image.open``): the crop is chosen from the header's size, and a
-        JPEG is then decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the output."""
+    def draws(self, width: int, height: int, rng: random.Random) -> Draws:
+        """The sample's random choices for an image of ``width`` x ``height`` (its header is enough)."""
         cfg = self.cfg
-        left, top, w, h = crop_box(img.width, img.height, cfg.crop_scale, cfg.crop_ratio, rng)
+        box = crop_box(width, height, cfg.crop_scale, cfg.crop_ratio, rng)
+        flip = bool(cfg.hflip and rng.random() < 0.5)
+        ra_seeds = (rng.getrandbits(64), rng.getrandbits(32)) if self.rand_augment is not None else None
+        erase = NO_ERASE
+        if cfg.random_erase and rng.random() < cfg.random_erase:
+            erase = erase_box(*cfg.image_size, rng)
+        return Draws(box, flip, ra_seeds, erase)
+
+    def sample(self, img: Image.Image, rng: random.Random) -> tuple[torch.Tensor, tuple[int, int, int, int, int]]:
+        """The loader worker's part: (uint8 [3, H, W], random-erasing box or ``NO_ERASE``)."""
+        d = self.draws(img.width, img.height, rng)
+        return self.apply(img, d), d.erase
+
+    def apply(self, img: Image.Image, d: Draws, draft: bool = True) -> torch.Tensor:
+        """Crop, resize, flip and RandAugment ``img`` as ``d`` says -> uint8 [3, H, W]. ``img`` may still be
+        undecoded (``Image.open``): with ``draft`` a JPEG is then decoded at the smallest DCT scale (1/2, 1/4,
+        1/8) that still covers the output."""
+        cfg = self.cfg
+        left, top, w, h = d.box
         out_h, out_w = cfg.image_size
         full_w = img.width
-        if img.format == "JPEG" and w >= 2 * out_w and h >= 2 * out_h:
+        if draft and img.format == "JPEG" and w >= 2 * out_w and h >= 2 * out_h:
             img.draft("RGB", (math.ceil(img.width * out_w / w), math.ceil(img.height * out_h / h)))
             f = img.width / full_w  # the decoded scale; the box follows it
             left, top, w, h = left * f, top * f, w * f, h * f
         img = to_rgb(img)
         img = img.resize((out_w, out_h), Image.BICUBIC, box=(left, top, left + w, top + h))
-        if cfg.hflip and rng.random() < 0.5:
+        if d.flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        if self.rand_augment is not None:
-            # timm's ops draw from the global `random` and numpy generators: seed them from this sample's rng
+        if d.ra_seeds is not None:
+            # timm's ops draw from the global `random` and numpy generators: seed them from this sample's draws
             # (each loader worker is its own process, so nothing else shares them meanwhile)
-            random.seed(rng.getrandbits(64))
-            np.random.seed(rng.getrandbits(32))
+            random.seed(d.ra_seeds[0])
+            np.random.seed(d.ra_seeds[1])
             img = self.rand_augment(img)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W] uint8
-        erase = NO_ERASE
-        if cfg.random_erase and rng.random() < cfg.random_erase:
-            erase = erase_box(out_h, out_w, rng)
-        return x, erase
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W] uint8

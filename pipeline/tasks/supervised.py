@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.bad_samples import without_samples
 from .base import Schedule, StreamTask
 from .config import MixupConfig, OptimConfig
 from .mixing import build_mixup, label_loss, mix
@@ -20,19 +21,9 @@ warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transf
 def drop_unusable_labels(batch: dict[str, Any], num_classes: int) -> dict[str, Any]:
     """``batch`` without its samples whose label is outside [0, num_classes), which join its bad samples
     ("skipped" count, "bad" (key, reason) pairs). Labels [b] on the host."""
-    labels = batch["label"]
-    keep = (labels >= 0) & (labels < num_classes)  # [b] bool
-    if bool(keep.all()):
-        return batch
-    keys = batch.get("key") or [f"#{i}" for i in range(len(labels))]
-    dropped = [(k, "no label" if y < 0 else f"label {y} is outside [0, {num_classes})")
-               for k, y, ok in zip(keys, labels.tolist(), keep.tolist()) if not ok]
-    kept = keep.nonzero().flatten().tolist()
-    out = {**batch, "image": batch["image"][keep], "label": labels[keep], "key": [keys[i] for i in kept],
-           "skipped": batch.get("skipped", 0) + len(dropped), "bad": [*batch.get("bad", []), *dropped]}
-    if "erase" in batch:  # the kept samples' random-erasing boxes
-        out["erase"] = batch["erase"][keep]
-    return out
+    labels = batch["label"].tolist()
+    return without_samples(batch, {i: "no label" if y < 0 else f"label {y} is outside [0, {num_classes})"
+                                   for i, y in enumerate(labels) if not 0 <= y < num_classes})
 
 
 class SupervisedTask(StreamTask):
