@@ -37,6 +37,10 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward: less memory, one more forward."""
     log_every_n_steps: int = 10
+    """Also the window of optimizer steps that images/s and MFU are measured over."""
+    peak_tflops: float | None = None
+    """The device's dense peak TFLOP/s for MFU at this precision; None: from the GPU's name (A100, H100 SXM or
+    PCIe, H200, B200), and no MFU where unknown (the CPU)."""
     sample_trace: str | None = None
     """Write one JSON line per batch (step, loss, sample keys) to this file."""
 

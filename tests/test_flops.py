@@ -65,3 +65,70 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("pos_embed, image, patch", [("learned", (32, 32), 4), ("sincos2d", (24, 40), 8)])
+def test_vit_classifier_flops_equal_counted_matrix_products(explicit_attention, pos_embed, image, patch):
+    """The fine-tuned classifier (one head) and the DeiT student (distillation token, two heads). (RoPE's
+    attention always runs fused SDPA, whose products the counter does not see on the CPU.)"""
+    from pipeline.models.classifier import ViTClassifier
+    from pipeline.models.deit import DistilledViT
+    from pipeline.models.flops import vit_forward_flops
+    from pipeline.models.vit import ViTEncoder
+
+    enc = ViTConfig(size="tiny", image_size=image, patch_size=patch, embed_dim=64, depth=3, num_heads=4,
+                    pos_embed=pos_embed)
+    imgs = torch.randn(3, 3, *image)
+    for model, cfg, heads in ((ViTClassifier(ViTEncoder(enc), 10, "avg"), enc, 1),
+                              (DistilledViT(ViTEncoder(dst := ViTConfig(**{**enc.__dict__, "distill_token": True})),
+                                            10, "both"), dst, 2)):
+        with FlopCounterMode(display=False) as counter:
+            model.eval()(imgs)
+        assert counter.get_total_flops() == 3 * sum(vit_forward_flops(cfg, 10, heads).values()), type(model)
+
+
+def test_measured_flops_of_a_timm_cnn_are_three_forwards():
+    from pipeline.exports.timm_classifier import build_timm
+    from pipeline.models.flops import measured_train_flops_per_image
+
+    cnn = build_timm("resnet10t", 10, 3)
+    with FlopCounterMode(display=False) as counter:
+        cnn.eval()(torch.zeros(1, 3, 32, 32))
+    assert measured_train_flops_per_image(cnn.train(), (3, 32, 32)) == 3 * counter.get_total_flops() > 0
+    assert cnn.training  # left as it was
+
+
+def test_every_run_logs_images_per_s_tflops_and_mfu(fmnist_shards, tmp_path):
+    """perf/mfu = model FLOPs per image x images/s per device / trainer.peak_tflops, at each logging step."""
+    from conftest import tiny_overrides
+    from mlflow import MlflowClient
+
+    from pipeline.recipe import load_recipe
+    from pipeline.stages.train import train
+
+    recipe = load_recipe("mae/tiny_fmnist", tiny_overrides(fmnist_shards, tmp_path, **{
+        "trainer.max_steps": 6, "trainer.log_every_n_steps": 2, "trainer.peak_tflops": 0.002,
+        "checkpoint.enabled": "false", "tracking.recon_every_n_steps": 0}))
+    result = train(recipe, resume="none")
+    client = MlflowClient(recipe.tracking.uri)
+    history = {k: {m.step: m.value for m in client.get_metric_history(result.run_id, k)}
+               for k in ("perf/images_per_s", "perf/tflops_per_device", "perf/mfu")}
+    assert len(history["perf/mfu"]) == 3  # one window per logging step: steps 2, 4 and 6
+    flops = mae_train_flops_per_image(recipe.model)
+    for step, mfu in history["perf/mfu"].items():
+        tflops = history["perf/tflops_per_device"][step]
+        assert tflops == pytest.approx(flops * history["perf/images_per_s"][step] / 1e12)  # one device
+        assert mfu == pytest.approx(tflops / 0.002)
+    line = next(x for x in result.summary.lines if x.startswith("throughput: "))
+    assert "TFLOP/s per device, MFU " in line and "of 0.002 TFLOP/s" in line
+
+
+@pytest.mark.parametrize("name, precision, peak", [
+    ("NVIDIA H100 80GB HBM3", "bf16-mixed", 989.0), ("NVIDIA H100 PCIe", "bf16-mixed", 756.0),
+    ("NVIDIA H200", "bf16-true", 989.0), ("NVIDIA A100-SXM4-80GB", "16-mixed", 312.0),
+    ("NVIDIA A100-SXM4-80GB", "32-true", 19.5), ("NVIDIA B200", "bf16-mixed", 2250.0),
+    ("NVIDIA B200", "32-true", None), ("NVIDIA GeForce RTX 4090", "bf16-mixed", None)])
+def test_peak_tflops_by_device_name(name, precision, peak):
+    from pipeline.tracking.throughput import peak_tflops
+
+    assert peak_tflops(name, precision) == peak

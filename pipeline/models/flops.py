@@ -1,5 +1,6 @@
-"""Model FLOPs of MAE, counted as the model runs them: the encoder on the visible tokens only, the
-decoder on all tokens. Used for model FLOPs utilisation (MFU).
+"""Model FLOPs per image, counted as the models run them, for model FLOPs utilisation (MFU): MAE (the
+encoder on the visible tokens only, the decoder on all tokens), ViT classifiers (fine-tuned, DeiT students),
+and any other network measured once with ``torch.utils.flop_counter``.
 
 A multiply-add is 2 FLOPs; only matrix products are counted (norms, softmax, GELU and the loss are a
 few per cent and are left out, as in the PaLM / Megatron MFU convention). A training step costs three
@@ -8,7 +9,7 @@ Activation checkpointing re-runs forwards, but MFU counts the model's FLOPs, not
 """
 from __future__ import annotations
 
-from .config import MAEConfig
+from .config import MAEConfig, ViTConfig
 
 
 def block_flops(tokens: int, dim: int, mlp_ratio: float) -> int:
@@ -45,3 +46,31 @@ def mae_forward_flops(cfg: MAEConfig) -> dict[str, int]:
 def mae_train_flops_per_image(cfg: MAEConfig) -> int:
     """Model FLOPs of one training step per image: forward + backward = 3 x forward."""
     return 3 * sum(mae_forward_flops(cfg).values())
+
+
+def vit_forward_flops(cfg: ViTConfig, num_classes: int = 0, heads: int = 1) -> dict[str, int]:
+    """Forward FLOPs per image of a ViT classifier on all its tokens: the encoder (CLS, and the distillation
+    token when ``cfg.distill_token``) and ``heads`` linear heads of ``num_classes`` on pooled features
+    (a fine-tuned classifier has one, a DeiT student two)."""
+    gh, gw = cfg.grid
+    L = gh * gw
+    P = cfg.patch_size ** 2 * cfg.in_chans
+    n = (2 if cfg.distill_token else 1) + L
+    return {"patch_embed": 2 * L * P * cfg.embed_dim,
+            "encoder_blocks": cfg.depth * block_flops(n, cfg.embed_dim, cfg.mlp_ratio),
+            "heads": heads * 2 * cfg.embed_dim * num_classes}
+
+
+def measured_train_flops_per_image(model, input_shape: tuple[int, ...]) -> int:
+    """3 x the matrix-product FLOPs ``torch.utils.flop_counter`` counts in one forward of one input of
+    ``input_shape`` (C, H, W): for networks without a formula here (timm CNNs). Runs in eval mode, no grad."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters())
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype))
+    model.train(was_training)
+    return 3 * int(counter.get_total_flops())

@@ -32,9 +32,13 @@ class ClassifyRecipe(RunRecipe):
 def build(recipe: ClassifyRecipe, plan: RunPlan) -> Training:
     from ..tasks.supervised import SupervisedTask
 
+    from ..models.flops import measured_train_flops_per_image
+
     m = recipe.model
-    task = SupervisedTask(build_model(recipe), m.num_classes, m.label_smoothing, m.mixup, recipe.optim, plan.schedule)
-    return Training(task, tags={"vitpipe.arch": m.arch})
+    model = build_model(recipe)
+    flops = measured_train_flops_per_image(model, (m.in_chans, *m.image_size))  # no formula for any timm net
+    task = SupervisedTask(model, m.num_classes, m.label_smoothing, m.mixup, recipe.optim, plan.schedule)
+    return Training(task, tags={"vitpipe.arch": m.arch}, flops_per_image=flops)
 
 
 def build_model(recipe: ClassifyRecipe) -> nn.Module:

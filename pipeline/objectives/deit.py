@@ -32,6 +32,7 @@ class DeiTRecipe(RunRecipe):
 
 
 def build(recipe: DeiTRecipe, plan: RunPlan) -> Training:
+    from ..models.flops import vit_forward_flops
     from ..registry.teacher import load_teacher
     from ..tasks.deit import DeiTTask
     from ..tasks.ema import WeightEMA
@@ -44,7 +45,9 @@ def build(recipe: DeiTRecipe, plan: RunPlan) -> Training:
         tags["vitpipe.teacher"] = m.teacher.model
     task = DeiTTask(m, recipe.optim, plan.schedule, teacher)
     task.model.encoder.grad_checkpointing = recipe.trainer.activation_checkpointing
-    return Training(task, [WeightEMA(m.ema_decay)] if m.ema_decay else [], tags)
+    # the student's FLOPs (both heads); the teacher's forward is work beside the model, not counted
+    flops = 3 * sum(vit_forward_flops(m.encoder, m.num_classes, heads=2).values())
+    return Training(task, [WeightEMA(m.ema_decay)] if m.ema_decay else [], tags, flops_per_image=flops)
 
 
 def build_model(recipe: DeiTRecipe) -> nn.Module:

@@ -51,6 +51,7 @@ def classifier(recipe: FinetuneRecipe, ref: ModelRef) -> nn.Module:
 def build(recipe: FinetuneRecipe, plan: RunPlan) -> Training:
     from lightning.pytorch.utilities import rank_zero_only
 
+    from ..models.flops import vit_forward_flops
     from ..registry.models import resolution_change
     from ..tasks import FinetuneTask
 
@@ -65,8 +66,10 @@ def build(recipe: FinetuneRecipe, plan: RunPlan) -> Training:
         tags["vitpipe.init_run"] = ref.run_id
     if ref.name:
         tags["vitpipe.init_model_version"] = f"{ref.name}/{ref.version}"
-    task = FinetuneTask(classifier(recipe, ref), recipe.model, recipe.optim, plan.schedule)
-    return Training(task, tags=tags, params=params)
+    model = classifier(recipe, ref)
+    flops = 3 * sum(vit_forward_flops(model.encoder.cfg, recipe.model.num_classes).values())
+    return Training(FinetuneTask(model, recipe.model, recipe.optim, plan.schedule), tags=tags, params=params,
+                    flops_per_image=flops)
 
 
 def build_model(recipe: FinetuneRecipe) -> nn.Module:

@@ -30,6 +30,7 @@ class MAERecipe(RunRecipe):
 
 
 def build(recipe: MAERecipe, plan: RunPlan) -> Training:
+    from ..models.flops import mae_train_flops_per_image
     from ..tasks import MAEPretrainTask
     from ..tracking.callbacks import ReconstructionImages
 
@@ -39,7 +40,7 @@ def build(recipe: MAERecipe, plan: RunPlan) -> Training:
     if recipe.tracking.recon_every_n_steps:  # input / masked / reconstruction grids logged to the run
         t = recipe.data.transform
         callbacks.append(ReconstructionImages(recipe.tracking.recon_every_n_steps, t.mean, t.std))
-    return Training(task, callbacks)
+    return Training(task, callbacks, flops_per_image=mae_train_flops_per_image(recipe.model))
 
 
 def build_model(recipe: MAERecipe) -> nn.Module:

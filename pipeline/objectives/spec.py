@@ -39,6 +39,8 @@ class Training:
     """Tags of the run's MLflow run (lineage: the model it starts from, its teacher)."""
     params: Mapping[str, str] = field(default_factory=dict)
     """Params of the run beyond the recipe's own (what the stage decided, e.g. a position resample)."""
+    flops_per_image: int | None = None
+    """Model FLOPs of one training step per image (``pipeline.models.flops``), for MFU; None: not counted."""
 
 
 @dataclass

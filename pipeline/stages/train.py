@@ -32,6 +32,7 @@ from ..tracking import resolve_uri
 from ..tracking.callbacks import DataWait, SampleTrace, SystemMetrics
 from ..tracking.mlflow_setup import tracking_failures
 from ..tracking.progress import progress_callbacks
+from ..tracking.throughput import Throughput
 from ..tracking.secrets import scrub_url
 from .run_record import RunRecord, TrainResult
 from .ui import browse_command
@@ -119,8 +120,8 @@ def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: S
     cluster = cluster_environment(layout)
     record = RunRecord(recipe, plan.resume)
     logger = record.open_logger()
-    data_wait = DataWait()
-    callbacks: list[L.Callback] = [data_wait]
+    data_wait, throughput = DataWait(), Throughput(training.flops_per_image, tr.peak_tflops)
+    callbacks: list[L.Callback] = [data_wait, throughput]
     if plan.resume is not None and plan.resume.fetch is not None:
         callbacks.append(FetchCheckpoint(plan.resume))
     if tr.sample_trace:
@@ -156,6 +157,8 @@ def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: S
                          tracking_failures=tracking_failures(logger),
                          preempted=preemption.preempted if preemption else None,
                          is_global_zero=trainer.is_global_zero)
+    if (line := throughput.summary(trainer.world_size)) is not None:
+        result.summary.add(line)
     if (waited := data_wait.fraction()) is not None and waited[1] > 0:
         result.summary.add(f"data wait: {waited[0] / waited[1]:.1%} of the training loop's time on this rank "
                            f"({waited[0]:.1f} s of {waited[1]:.1f} s; perf/data_wait_frac per step)")

@@ -1,9 +1,9 @@
-"""What every training task logs the same way: loss, learning rate, throughput, skipped samples; and the
-collective check that stops a run delivering too many bad samples."""
+"""What every training task logs the same way: loss, learning rate, skipped samples (throughput and MFU are
+the training path's, ``tracking.throughput``); and the collective check that stops a run delivering too many
+bad samples."""
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,6 @@ class StreamTask(L.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self._t_last: float | None = None
         self._last_loss: torch.Tensor | None = None  # kept on the device: no host sync per step
         self._bad = BadSampleTally()
         self._batches = 0  # training batches this process has seen: equal on every rank
@@ -61,11 +60,6 @@ class StreamTask(L.LightningModule):
         return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._t_last is not None:
-            imgs = batch["image"].shape[0] * self.trainer.world_size
-            self.log("perf/images_per_s", imgs / max(now - self._t_last, 1e-9), batch_size=1)
-        self._t_last = now
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
         self.log("data/skipped_samples", float(batch.get("skipped", 0)), reduce_fx="sum", sync_dist=True,
                  on_step=False, on_epoch=True, batch_size=1)

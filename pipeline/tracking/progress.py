@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 from ..console import duration, is_terminal
 
-SHOWN = {"train/loss": "loss", "perf/images_per_s": "img/s"}
+SHOWN = {"train/loss": "loss", "perf/images_per_s": "img/s", "perf/mfu": "mfu"}
 
 
 def _shown_metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -79,6 +79,8 @@ class StepLines(L.Callback):
             parts.append(f"loss {metrics['loss']:.4f}")
         if "img/s" in metrics:
             parts.append(f"{metrics['img/s']:.1f} img/s")
+        if "mfu" in metrics:
+            parts.append(f"MFU {metrics['mfu']:.1%}")
         parts.append(f"{duration(elapsed)} elapsed")
         done = step - self._step0
         if total and done > 0:
