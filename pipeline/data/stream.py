@@ -109,9 +109,9 @@ class RunReader:
 
 
 class ShardStream(IterableDataset):
-    """Yields whole batches {"image" [b,3,H,W], "label" [b], "key" list[str], "skipped" int, "bad" list of
-    (key, reason)}: b is the batch size less the bad samples, which are named in "bad" and counted in
-    "skipped".
+    """Yields whole batches {"image" uint8 [b,3,H,W], "erase" [b,5], "label" [b], "key" list[str], "skipped" int,
+    "bad" list of (key, reason)} (see ``_collate``): b is the batch size less the bad samples, which are named
+    in "bad" and counted in "skipped".
 
     ``labelled``: the task learns from labels, so a sample without a usable one (``.cls`` missing, not an
     integer, or outside [0, ``num_classes``) when that is given) is bad. Otherwise labels are passed along
