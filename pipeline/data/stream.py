@@ -69,12 +69,36 @@ class RunReader:
     """One loader worker's reads: runs of a shard's samples by ranged request when the shard's offsets are
     known, else forward through the shard from a cursor kept open (at most ``keep`` shards at a time)."""
 
-    def __init__(self, urls: list[str], offsets: list[str | None], retry: ReadRetry, keep: int):
+    def __init__(self, urls: list[str], offsets: list[str | None], retry: ReadRetry, keep: int,
+                 concurrent: int = 4):
         self.urls, self.offsets_urls, self.retry, self.keep = urls, offsets, retry, max(keep, 1)
+        self.concurrent = max(concurrent, 1)
         self._offsets: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cursors: OrderedDict[int, tuple[int, Iterator]] = OrderedDict()
         self.bytes = [0]  # bytes fetched by ranged reads (runs and offset files)
         self.warned = False
+
+    def read_all(self, runs: list[tuple[int, int, int]]) -> list[list[dict[str, Any] | None]]:
+        """The samples of each (shard, first, stop); runs with offsets are requested together, ``concurrent`` at
+        a time (an object store serves several ranged GETs at once as fast as one), the others in order."""
+        ranged = [i for i, (shard, _, _) in enumerate(runs) if self.offsets_urls[shard] is not None]
+        out: list[list[dict[str, Any] | None]] = [[] for _ in runs]
+        if ranged:
+            offsets = {runs[i][0]: self._shard_offsets(runs[i][0]) for i in ranged}  # this thread: the cache
+            counters = [[0] for _ in ranged]
+
+            def fetch(n: int) -> list[dict[str, Any] | None]:
+                shard, first, stop = runs[ranged[n]]
+                return list(read_run(self.urls[shard], offsets[shard], first, stop, self.retry, counter=counters[n]))
+
+            with ThreadPoolExecutor(max_workers=min(self.concurrent, len(ranged))) as pool:
+                for n, samples in enumerate(pool.map(fetch, range(len(ranged)))):
+                    out[ranged[n]] = samples
+            self.bytes[0] += sum(c[0] for c in counters)
+        for i, (shard, first, stop) in enumerate(runs):
+            if i not in ranged:
+                out[i] = list(self.read(shard, first, stop))
+        return out
 
     def read(self, shard: int, first: int, stop: int) -> Iterator[dict[str, Any] | None]:
         """Samples ``first`` to ``stop`` of ``shard``, in order (None for an unreadable one)."""
@@ -174,11 +198,9 @@ class ShardStream(IterableDataset):
         ``where`` names it then ("<shard>/#<index in the shard>"). Each run is read once for all its copies."""
         k = self.cfg.repeats
         shards, positions = order.positions(first, self.batch_size)
-        got: dict[tuple[int, int], dict[str, Any] | None] = {}
-        for run in order.runs(first, self.batch_size):
-            lo, hi = run.start // k, (run.stop - 1) // k + 1
-            for j, sample in enumerate(reader.read(run.shard, lo, hi), start=lo):
-                got[run.shard, j] = sample
+        wanted = [(run.shard, run.start // k, (run.stop - 1) // k + 1) for run in order.runs(first, self.batch_size)]
+        got = {(shard, j): sample for (shard, lo, _), samples in zip(wanted, reader.read_all(wanted))
+               for j, sample in enumerate(samples, start=lo)}
         out = []
         for shard, p in zip(shards.tolist(), positions.tolist()):
             name = posixpath.basename(self.urls[shard]).rsplit(".tar", 1)[0]
