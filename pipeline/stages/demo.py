@@ -55,7 +55,7 @@ def demo(workdir: str = "vitpipe-demo", steps: int | None = None, overrides: dic
     cfg = EvalConfig(train=str(shards / "train"), val=str(shards / "val"), max_train=eval_train,
                      max_val=eval_val, crop_pct=1.0)  # 28 px images: resize to the model's 32 px, no crop
     report.info(f"demo: evaluating {model_uri} (kNN k={cfg.knn.k}, linear probe) on {eval_train} train / "
-          f"{eval_val} held-out images, and the baselines on the same images")
+                f"{eval_val} held-out images, and the baselines on the same images")
     result = evaluate_model(model_uri, cfg, recipe.tracking)
     transform = result.transform
     torch.manual_seed(recipe.seed)

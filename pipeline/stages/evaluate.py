@@ -74,7 +74,7 @@ def evaluate_model(model_uri: str, cfg: EvalConfig, tracking: TrackingConfig,
                 | {"vitpipe.eval.run_id": run_id})
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("top1"))
     report.info(f"evaluate {model_uri}: {shown} on {int(metrics['val_samples'])} held-out samples "
-          f"({int(metrics['train_samples'])} train); MLflow run {run_id} at {scrub_url(uri)}")
+                f"({int(metrics['train_samples'])} train); MLflow run {run_id} at {scrub_url(uri)}")
     return EvalResult(metrics, run_id, ref, transform)
 
 

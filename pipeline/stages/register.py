@@ -40,5 +40,5 @@ def register_checkpoint(checkpoint: str | Path, name: str, alias: str = "candida
         export_checkpoint(step, export_dir)
     version = register_export(MlflowClient(tracking_uri), export_dir, run_id, name, alias)
     report.info(f"registered models:/{name}/{version.version} (alias @{alias}) from run {run_id} "
-          f"at {scrub_url(tracking_uri)}")
+                f"at {scrub_url(tracking_uri)}")
     return version

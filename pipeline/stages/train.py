@@ -99,7 +99,7 @@ def train(recipe: RunRecipe, resume: str | None = "auto", extra_callbacks: Seque
         return result
     if result.preempted:
         report.info(f"{stage}: stopped by {signal.Signals(result.preempted).name} at step {result.global_step}, "
-              f"checkpoint {result.checkpoint}; --resume auto continues from there")
+                    f"checkpoint {result.checkpoint}; --resume auto continues from there")
         return result
     if objective.after_training is not None:
         objective.after_training(objective, recipe, result)
