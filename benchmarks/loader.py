@@ -19,6 +19,7 @@ import argparse
 import io
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -138,6 +139,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workdir", default=None, help="keep photos and shards here (default: a temp folder)")
     p.add_argument("--s3", action="store_true", help="also stream from a local SeaweedFS S3 server")
+    p.add_argument("--runs", type=int, default=3, help="alternating runs of each variant; the median is shown")
     a = p.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="vitpipe-bench-"))
     if not (work / "shards" / "train" / "manifest.json").exists():
@@ -146,12 +148,19 @@ def main() -> None:
     manifest = str(work / "shards" / "train")
     urls = load_manifest(manifest).shard_urls()
     torch.set_num_threads(1)  # as in a loader worker: measure decode work, not intra-op threading
-    bare = bare_loop(urls, a.size)
-    print(f"{a.images} JPEG photos 500x375 -> RandomResizedCrop {a.size}, in {len(urls)} shards")
-    print(f"  bare PIL decode + torchvision RRC loop (1 process) {bare:8.1f} images/s")
+    runs: dict[str, list[float]] = {"bare": [], **{f"w{w}": [] for w in (0, 1, 2)}}
+    for _ in range(a.runs):  # alternating: a busy machine slows every variant alike
+        runs["bare"].append(bare_loop(urls, a.size))
+        for workers in (0, 1, 2):
+            runs[f"w{workers}"].append(stream_loader(manifest, a.size, workers, a.batch))
+    bare = statistics.median(runs["bare"])
+    print(f"{a.images} JPEG photos 500x375 -> RandomResizedCrop {a.size}, in {len(urls)} shards; median of {a.runs}")
+    print(f"  bare PIL decode + torchvision RRC loop (1 process) {bare:8.1f} images/s: the decode limit of a core")
     for workers in (0, 1, 2):
-        ips = stream_loader(manifest, a.size, workers, a.batch)
-        print(f"  vitpipe StreamLoader, {workers} worker(s)            {ips:8.1f} images/s  ({ips / bare:.2f}x bare)")
+        ips = statistics.median(runs[f"w{workers}"])
+        per = ips / max(workers, 1)  # 0 workers: the training process decodes
+        print(f"  vitpipe StreamLoader, {workers} worker(s)            {ips:8.1f} images/s  ({ips / bare:.2f}x bare; "
+              f"{per:.1f} per decoding process, {per / bare:.2f}x the limit)")
     if a.s3:
         compare_s3(work, manifest, a.size, a.batch)
 
