@@ -11,6 +11,24 @@ from .config import OptimConfig
 from .optim import build_optimizer
 
 
+_GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685  # splitmix64, as int64
+
+
+def _logical_shift(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x >> bits as on uint64 (torch's int64 shift is arithmetic: clear the copied sign bits)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def counter_uniform(seeds: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n] floats in [0, 1): splitmix64 of (seed_b + (j + 1) * golden ratio) for each row's seed (int64 [B])
+    and column j. Integer arithmetic wraps alike on every device, so CPU and GPU give the same numbers."""
+    x = seeds[:, None] + torch.arange(1, n + 1, device=seeds.device, dtype=torch.int64)[None] * _GOLDEN  # [B, n]
+    x = (x ^ _logical_shift(x, 30)) * _MIX1
+    x = (x ^ _logical_shift(x, 27)) * _MIX2
+    x = x ^ _logical_shift(x, 31)
+    return _logical_shift(x, 40).to(torch.float32) * (1.0 / (1 << 24))  # the top 24 bits: exact in float32
+
+
 class MAEPretrainTask(StreamTask):
     def __init__(self, model_cfg: MAEConfig, optim_cfg: OptimConfig, schedule: Schedule):
         super().__init__()
@@ -19,12 +37,11 @@ class MAEPretrainTask(StreamTask):
 
     def masking_noise(self, keys: list[str], device: torch.device) -> torch.Tensor:
         """[B, L] uniform noise, a function of (seed, epoch, sample key) alone: the same sample is masked the
-        same way in an uninterrupted and a resumed run, whichever rank or step it lands on."""
-        g = torch.Generator()
-        L_ = self.model.encoder.num_patches
-        noise = [torch.rand(L_, generator=g.manual_seed(sample_seed(self.schedule.seed, self.current_epoch, k)))
-                 for k in keys]
-        return torch.stack(noise).to(device)
+        same way in an uninterrupted and a resumed run, whichever rank, step or device it lands on. Generated
+        on ``device`` in one pass (``counter_uniform``): only the B seeds cross from the host."""
+        seeds = torch.tensor([sample_seed(self.schedule.seed, self.current_epoch, k) for k in keys],
+                             dtype=torch.int64).to(device, non_blocking=True)  # [B]
+        return counter_uniform(seeds, self.model.encoder.num_patches)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         imgs = batch["image"]
