@@ -70,19 +70,14 @@ class EpochOrder:
     def width(self) -> int:
         return max(self.interleave, 1) if self.shuffle else 1
 
-    @property
-    def num_spans(self) -> int:
-        return len(self._layout()[1]) - 1
-
     def span_shards(self, span: int) -> np.ndarray:
         order, _ = self._layout()
         return order[span * self.width: (span + 1) * self.width]
 
     def span(self, span: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard [L], position within the shard [L]) of each of the span's L positions, in epoch order."""
-        return _merge(tuple(int(s) for s in self.span_shards(span)),
-                      tuple(self.shard_sizes[int(s)] for s in self.span_shards(span)),
-                      self.seed, self.epoch, span, self.shuffle)
+        shards = tuple(int(s) for s in self.span_shards(span))
+        return _merge(shards, tuple(self.shard_sizes[s] for s in shards), self.seed, self.epoch, span, self.shuffle)
 
     def positions(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard, position in shard) of the epoch's positions [start, start + count), in order."""
@@ -147,9 +142,3 @@ class Layout:
         """First epoch position of ``rank``'s batch at ``step`` steps after ``consumed``."""
         return consumed + step * self.step_size + rank * self.batch_size
 
-
-def worker_steps(steps: int, num_workers: int, worker: int, first: int = 0) -> range:
-    """The steps (from ``first`` on) whose batches worker ``worker`` of ``num_workers`` makes: a DataLoader
-    takes batch i from worker i % K."""
-    k = max(num_workers, 1)
-    return range(first + (worker - first) % k, steps, k)

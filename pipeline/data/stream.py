@@ -82,6 +82,7 @@ class RunReader:
         """The samples of each (shard, first, stop); runs with offsets are requested together, ``concurrent`` at
         a time (an object store serves several ranged GETs at once as fast as one), the others in order."""
         ranged = [i for i, (shard, _, _) in enumerate(runs) if self.offsets_urls[shard] is not None]
+        forward = [i for i in range(len(runs)) if self.offsets_urls[runs[i][0]] is None]
         out: list[list[dict[str, Any] | None]] = [[] for _ in runs]
         if ranged:
             offsets = {runs[i][0]: self._shard_offsets(runs[i][0]) for i in ranged}  # this thread: the cache
@@ -95,17 +96,13 @@ class RunReader:
                 for n, samples in enumerate(pool.map(fetch, range(len(ranged)))):
                     out[ranged[n]] = samples
             self.bytes[0] += sum(c[0] for c in counters)
-        for i, (shard, first, stop) in enumerate(runs):
-            if i not in ranged:
-                out[i] = list(self.read(shard, first, stop))
+        for i in forward:
+            out[i] = list(self._forward(*runs[i]))
         return out
 
-    def read(self, shard: int, first: int, stop: int) -> Iterator[dict[str, Any] | None]:
-        """Samples ``first`` to ``stop`` of ``shard``, in order (None for an unreadable one)."""
-        if self.offsets_urls[shard] is not None:
-            yield from read_run(self.urls[shard], self._shard_offsets(shard), first, stop, self.retry,
-                                counter=self.bytes)
-            return
+    def _forward(self, shard: int, first: int, stop: int) -> Iterator[dict[str, Any] | None]:
+        """Samples ``first`` to ``stop`` of a shard without offsets, in order (None for an unreadable one), read
+        on from where this worker's cursor in the shard stopped."""
         if not self.warned:
             log.warning("%s has no recorded sample offsets: this worker reads its shards from their start, "
                         "skipping the samples of other workers (`vitpipe shard --index` records them)",
@@ -150,9 +147,9 @@ class ShardStream(IterableDataset):
         self.batch_size, self.seed = batch_size, seed
         self.labelled, self.num_classes = labelled, num_classes
         self.transform = TrainTransform(cfg.transform)
-        # Set by StreamLoader before each pass: the epoch, this rank, the epoch's positions consumed before
-        # this pass (``start``) and this rank's batches of the pass already consumed (``consumed``).
-        self.epoch, self.rank, self.world_size, self.start, self.consumed = 0, 0, 1, 0, 0
+        # Set by StreamLoader before each pass: the epoch, this rank and the epoch's positions consumed before
+        # the pass (a resume starts a pass there, so a pass always begins at its first batch).
+        self.epoch, self.rank, self.world_size, self.start = 0, 0, 1, 0
         self.bytes_read = 0  # in a process reading itself (no loader workers)
 
     def order(self, epoch: int | None = None) -> EpochOrder:
@@ -174,8 +171,8 @@ class ShardStream(IterableDataset):
         k, j = (info.num_workers, info.id) if info else (1, 0)
         order, layout = self.order(), self.layout
         reader = RunReader(self.urls, self.offsets, self.cfg.read, self.cfg.interleave)
-        # DataLoader takes batch i from worker i % k, and a resumed pass starts at worker 0 again.
-        steps = range(self.consumed + j, layout.steps(order.total, self.start), k)
+        # DataLoader takes batch i of the pass from worker i % k
+        steps = range(j, layout.steps(order.total, self.start), k)
 
         def fetch(i: int) -> Future | None:
             """Read-ahead: the next batch's runs are fetched on a thread while this one decodes (one batch of
@@ -295,7 +292,7 @@ class StreamLoader:
         (self.start, self.before), self._resume = self._position(epoch), None
         self.epoch, self.consumed = epoch, 0
         ds = self.dataset
-        ds.epoch, ds.start, ds.consumed = epoch, self.start, 0
+        ds.epoch, ds.start = epoch, self.start
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, worker_init_fn=_one_thread,
                             pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None)
         batches = iter(loader)

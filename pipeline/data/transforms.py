@@ -45,16 +45,20 @@ def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[f
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def to_uint8(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image [H, W, 3] -> uint8 tensor [3, H, W]."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
 class Normalise:
-    """RGB PIL image [H, W, 3] uint8 -> float tensor [3, H, W], scaled to [0, 1] then standardised."""
+    """RGB PIL image [H, W, 3] uint8 -> float tensor [3, H, W], scaled to [0, 1] then standardised (on the host:
+    evaluation's transform; training standardises on the device with the same ``DeviceNormalise``)."""
 
     def __init__(self, mean, std):
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.standardise = DeviceNormalise(mean, std)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W]
-        return (x.float().div_(255.0) - self.mean) / self.std
+        return self.standardise(to_uint8(img)[None])[0]
 
 
 def rand_augment(spec: str, mean: tuple[float, float, float]):
@@ -94,13 +98,6 @@ def paint_erase(x: torch.Tensor, box: tuple[int, int, int, int, int]) -> torch.T
         gen = torch.Generator(device=x.device).manual_seed(seed)
         x[:, top:top + eh, left:left + ew] = torch.randn(x.shape[0], eh, ew, generator=gen, device=x.device)
     return x
-
-
-def random_erase(x: torch.Tensor, rng: random.Random, scale: tuple[float, float] = (0.02, 1 / 3),
-                 ratio: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
-    """Erase one rectangle of x [C, H, W] (standardised) with N(0, 1) noise per pixel, in place (timm's
-    RandomErasing, mode "pixel", one box), drawing everything from ``rng``."""
-    return paint_erase(x, erase_box(x.shape[1], x.shape[2], rng, scale, ratio))
 
 
 class DeviceNormalise:
@@ -185,4 +182,4 @@ class TrainTransform:
             random.seed(d.ra_seeds[0])
             np.random.seed(d.ra_seeds[1])
             img = self.rand_augment(img)
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W] uint8
+        return to_uint8(img)  # [3, H, W]

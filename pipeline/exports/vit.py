@@ -42,7 +42,8 @@ def write_export(out: str | Path, encoder: ViTEncoder, mae: MAE | None = None,
         save_weights(mae, out / "mae.safetensors")
         meta["mae"] = {"decoder": to_dict(mae.cfg.decoder), "mask_ratio": mae.cfg.mask_ratio,
                        "norm_pix_loss": mae.cfg.norm_pix_loss, "encoder_mask_tokens": mae.cfg.encoder_mask_tokens}
-    meta["normalisation"] = normalisation or {"mean": None, "std": None}
+    if normalisation:  # (else unknown: write_metadata records it so)
+        meta["normalisation"] = normalisation
     return write_metadata(out, objective, {**meta, **(extra or {})})
 
 

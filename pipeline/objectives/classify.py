@@ -30,9 +30,8 @@ class ClassifyRecipe(RunRecipe):
 
 
 def build(recipe: ClassifyRecipe, plan: RunPlan) -> Training:
-    from ..tasks.supervised import SupervisedTask
-
     from ..models.flops import measured_train_flops_per_image
+    from ..tasks.supervised import SupervisedTask
 
     m = recipe.model
     model = build_model(recipe)

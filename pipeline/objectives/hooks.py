@@ -79,7 +79,7 @@ def classifier_after_training(objective: Objective, recipe: RunRecipe, result: T
     checkpoints)."""
     from mlflow import MlflowClient
 
-    stage = objective.stage or objective.name
+    stage = objective.stage
     if not final_checkpoint(result, stage):
         return None
     model = trained_model(objective, recipe, result.checkpoint)

@@ -80,10 +80,12 @@ class Objective:
     verb: Literal["pretrain", "finetune"] = "pretrain"
     """The CLI verb that trains it (finetune: it starts from a model given with ``--model``)."""
     stage: str = ""
-    """The word a run's closing lines start with (default: the name)."""
+    """The word a run's closing lines start with (empty: the name)."""
 
     def __post_init__(self) -> None:
         declared = getattr(self.recipe, "__dataclass_fields__", {}).get("task")
         if declared is None or declared.default != self.name:
             raise ValueError(f"objective {self.name!r}: its recipe type {self.recipe.__name__} must declare "
                              f"task: Literal[{self.name!r}] = {self.name!r}")
+        if not self.stage:
+            object.__setattr__(self, "stage", self.name)

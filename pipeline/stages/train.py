@@ -92,7 +92,7 @@ def plan_run(recipe: RunRecipe, resume: str | None) -> RunPlan:
 def train(recipe: RunRecipe, resume: str | None = "auto", extra_callbacks: Sequence[L.Callback] = ()) -> TrainResult:
     """Train ``recipe`` with its objective; ``resume``: auto (newest complete checkpoint), none, or a folder."""
     objective = objective_of(recipe)
-    stage = objective.stage or objective.name
+    stage = objective.stage
     plan = plan_run(recipe, resume)
     result = fit(recipe, plan, objective.build(recipe, plan), extra_callbacks)
     if not result.is_global_zero:
