@@ -55,9 +55,11 @@ def test_sigusr1_mid_accumulation_checkpoints_at_the_step_and_resumes_exactly(fm
 
 
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(fmnist_shards, tmp_path, child_env):
+    """The ranks agree at the next logging step (every 2 here): a signal during step 3 stops them after step 4."""
     from mlflow_server import free_port
 
     o = tiny_overrides(fmnist_shards, tmp_path, **{"trainer.max_steps": 10, "checkpoint.every_n_steps": 100,
+                                                  "trainer.log_every_n_steps": 2,
                                                   "data.num_workers": 1, "trainer.strategy": "ddp",
                                                   "trainer.sample_trace": tmp_path / "trace.jsonl"})
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
@@ -65,8 +67,8 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(fmnist_shards, t
            "--signal-at", "3", "--signal-rank", "1"]
     out = subprocess.run(cmd, env=child_env, capture_output=True, text=True, timeout=600)
     assert out.returncode != 0  # both ranks exit with 128 + SIGUSR1, which torchrun reports as a failure
-    assert out.stderr.count("SIGUSR1 received: checkpointing step 3 and stopping") == 2
-    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step-*")) == ["step-00000003"]
+    assert out.stderr.count("SIGUSR1 received: checkpointing step 4 and stopping") == 2
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step-*")) == ["step-00000004"]
     for rank in (0, 1):
         steps = [json.loads(line)["step"] for line in (tmp_path / f"trace.rank{rank}.jsonl").read_text().splitlines()]
-        assert steps == [1, 2, 3]
+        assert steps == [1, 2, 3, 4]

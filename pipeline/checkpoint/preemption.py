@@ -2,8 +2,11 @@
 
 Slurm sends SIGUSR1 ahead of the time limit (``--signal=USR1@T``) or on preemption; Kubernetes sends SIGTERM
 when it evicts a pod (a Slurm preemption with a grace time does too). Either signal, on any rank, makes the
-run write a committed checkpoint at the next optimizer-step boundary (so the saved data position and the
-weights agree, and a resume is exact), stop, and report itself preempted: under Slurm, rank 0 then requeues
+run write a committed checkpoint at an optimizer-step boundary (so the saved data position and the weights
+agree, and a resume is exact), stop, and report itself preempted. One process acts at its next step; several
+agree at the next logging step (every ``trainer.log_every_n_steps`` steps), where they synchronise anyway:
+learning of another rank's signal needs a collective whose result the host reads, a stall every step would
+pay. Then under Slurm, rank 0 then requeues
 the job (``scontrol requeue``), and the restarted job resumes with ``--resume auto``.
 """
 from __future__ import annotations
@@ -45,9 +48,14 @@ class PreemptionCheckpoint(L.Callback):
         if trainer.global_step == self._last_step:  # inside a gradient accumulation: not a step boundary
             return
         self._last_step = trainer.global_step
-        # every rank learns of a signal any rank got (one small all-reduce per optimizer step)
-        got = torch.tensor(self.received or 0, device=pl_module.device)
-        signum = int(trainer.strategy.reduce(got, reduce_op="max")) if trainer.world_size > 1 else int(got)
+        if trainer.world_size == 1:
+            signum = self.received or 0
+        elif trainer.global_step % trainer.log_every_n_steps == 0:  # a logging step: the ranks sync there anyway
+            # every rank learns of a signal any rank got (one small all-reduce)
+            got = torch.tensor(self.received or 0, device=pl_module.device)
+            signum = int(trainer.strategy.reduce(got, reduce_op="max"))
+        else:
+            return
         if not signum:
             return
         log.warning("%s received: checkpointing step %d and stopping", signal.Signals(signum).name,

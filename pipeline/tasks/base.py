@@ -45,7 +45,7 @@ class StreamTask(L.LightningModule):
         return None if self._last_loss is None else float(self._last_loss)
 
     def record_loss(self, loss: torch.Tensor, batch_size: int) -> None:
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/loss", loss, batch_size=batch_size)  # not prog_bar: it reads the value back every step
         self._last_loss = loss.detach()
 
     def seed_batch(self, keys: list[str]) -> None:

@@ -54,6 +54,11 @@ def warmup_cosine(step: int, warmup: int, total: int, peak: float, floor: float)
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def fusable(model: nn.Module) -> bool:
+    """torch's fused AdamW takes floating-point parameters on CPU and CUDA (not on meta or other devices)."""
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in model.parameters())
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, effective_batch: int, total_steps: int,
                     warmup_steps: int, groups: list[dict] | None = None,
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -62,7 +67,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, effective_batch: int, to
     groups = groups if groups is not None else param_groups(model, cfg.weight_decay)
     for g in groups:
         g["lr"] = peak * g.get("lr_scale", 1.0)  # LambdaLR multiplies each group's initial lr
-    opt = torch.optim.AdamW(groups, lr=peak, betas=cfg.betas)
+    # Fused: one kernel for all parameters, and the step count kept on the device, where the default CPU path
+    # reads it back per parameter (a host sync each). DeepSpeed's ZeRO takes it as its client optimizer.
+    opt = torch.optim.AdamW(groups, lr=peak, betas=cfg.betas, fused=fusable(model))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: warmup_cosine(step, warmup_steps, total_steps, peak, cfg.min_lr) / peak)
     return opt, sched
