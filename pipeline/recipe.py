@@ -34,8 +34,12 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: Literal["auto", "ddp", "deepspeed"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
-    activation_checkpointing: bool = False
-    """Recompute each transformer block's activations in the backward: less memory, one more forward."""
+    activation_checkpointing: bool | int = False
+    """Recompute transformer blocks' activations in the backward: true (or 1) every block, least memory for one
+    more forward; k > 1 blocks 0, k, 2k, ... only (selective: less recomputation, more memory); false none."""
+    compile: bool = False
+    """Compile each transformer block (regional ``torch.compile``; the rest of the model stays eager). Not under
+    ZeRO-3, where it is refused with a warning and training runs eager."""
     log_every_n_steps: int = 10
     """Also the window of optimizer steps that images/s and MFU are measured over."""
     peak_tflops: float | None = None
@@ -47,6 +51,9 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.max_epochs is None and self.max_steps is None:
             raise ValueError("set trainer.max_epochs or trainer.max_steps")
+        if self.activation_checkpointing < 0:
+            raise ValueError(f"trainer.activation_checkpointing {self.activation_checkpointing} must be true, "
+                             "false or a block interval k >= 1")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what vitpipe needs on a fresh Debian machine with Python 3.11:
 #   - the Debian package dataset-fashion-mnist (the Fashion-MNIST IDX files the demo and the tests shard),
+#   - g++ when no C++ compiler is there (trainer.compile on CPU builds its kernels with it),
 #   - with --with-slurm, also slurmctld, slurmd, slurm-client and munge (only the cluster-job tests use them;
 #     tests/slurm_cluster.py starts the daemons itself, nothing is enabled as a service),
 #   - a virtual environment in .venv with torch/torchvision installed *first*, pinned by
@@ -39,6 +40,7 @@ with_ticker() {
 
 required=() optional=()
 [ -d /usr/share/datasets/fashion-mnist ] || required+=(dataset-fashion-mnist)
+command -v g++ >/dev/null 2>&1 || optional+=(g++)
 if [ "$with_slurm" = 1 ]; then
   for pkg in slurmctld slurmd slurm-client munge; do
     dpkg -s "$pkg" >/dev/null 2>&1 || optional+=("$pkg")
@@ -56,7 +58,8 @@ if [ ${#debs[@]} -gt 0 ]; then
         "'sudo apt-get install --no-install-recommends ${required[*]}'" >&2
     exit 1
   else
-    say "not root: Slurm (${optional[*]}) not installed, so the cluster-job tests will be skipped;" \
+    say "not root: ${optional[*]} not installed (Slurm: the cluster-job tests are skipped; g++:" \
+        "trainer.compile cannot build CPU kernels);" \
         "'sudo apt-get install --no-install-recommends ${optional[*]}' adds them"
   fi
 fi

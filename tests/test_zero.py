@@ -93,6 +93,21 @@ def test_zero_losses_equal_ddp_and_state_is_sharded(runs, stage):
     assert ddp_report["stage"] is None
 
 
+@pytest.mark.parametrize("stage", [None, 2])
+def test_compiled_blocks_train_to_the_eager_losses(runs, stage, fmnist_shards, tmp_path, child_env):
+    """trainer.compile under DDP and ZeRO-2 on 2 processes: the same samples and, within float tolerance (the
+    compiled kernels fuse and reorder float operations), the same losses as the eager run, step by step."""
+    work = tmp_path / "compiled"
+    proc = torchrun(strategy_overrides(fmnist_shards, work, stage, **{"trainer.compile": "true",
+                                                                        "checkpoint.enabled": "false"}), child_env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    want, got = traces(runs["ddp" if stage is None else stage]), traces(work)
+    assert sorted(got) == sorted(want)
+    for rank, step in want:
+        assert got[rank, step]["keys"] == want[rank, step]["keys"]
+        assert got[rank, step]["loss"] == pytest.approx(want[rank, step]["loss"], rel=1e-4), (rank, step)
+
+
 def test_killed_zero3_run_resumes_to_the_uninterrupted_losses(runs, fmnist_shards, tmp_path, child_env):
     work = tmp_path / "killed"
     overrides = strategy_overrides(fmnist_shards, work, 3)

@@ -40,35 +40,42 @@ class RopeAttention(Attention):
         return self.proj_drop(self.proj(x))
 
 
+class ViTBlock(Block):
+    """timm's pre-LN Block (same parameters and names) whose forward also takes the RoPE tables, so one call
+    runs a block whatever the position embedding: what regional compilation (``compile_blocks``) and
+    activation checkpointing wrap."""
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, num_prefix_tokens: int = 1,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if rope is None:
+            return super().forward(x, attn_mask=attn_mask)
+        attn = self.attn(self.norm1(x), attn_mask=attn_mask, rope=rope, num_prefix_tokens=num_prefix_tokens)
+        x = x + self.drop_path1(self.ls1(attn))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
 def make_blocks(dim: int, depth: int, heads: int, mlp_ratio: float, qkv_bias: bool,
                 layer_scale: float | None = None, drop_path: float = 0.0, rope: bool = False) -> nn.ModuleList:
     """A stack of timm pre-LN transformer blocks with a linear stochastic-depth ramp."""
     rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
     return nn.ModuleList(
-        Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, init_values=layer_scale, drop_path=r,
-              attn_layer=RopeAttention if rope else Attention)
+        ViTBlock(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, init_values=layer_scale, drop_path=r,
+                 attn_layer=RopeAttention if rope else Attention)
         for r in rates
     )
 
 
-def run_block(block: Block, x: torch.Tensor, rope: torch.Tensor | None, num_prefix_tokens: int) -> torch.Tensor:
-    """timm Block.forward, with the RoPE tables handed to the attention."""
-    if rope is None:
-        return block(x)
-    x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), rope=rope, num_prefix_tokens=num_prefix_tokens)))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-
-
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, rope: torch.Tensor | None, num_prefix_tokens: int,
-               checkpointing: bool = False) -> torch.Tensor:
-    """Run a block stack. With ``checkpointing`` each block keeps only its input for the backward and
-    recomputes its activations there: activation memory falls from O(depth) blocks to about one block's,
-    for one extra forward."""
-    for block in blocks:
-        if checkpointing and torch.is_grad_enabled():
-            x = checkpoint(run_block, block, x, rope, num_prefix_tokens, use_reentrant=False)
+               checkpoint_every: int = 0) -> torch.Tensor:
+    """Run a block stack. With ``checkpoint_every`` k > 0, blocks 0, k, 2k, ... keep only their input for the
+    backward and recompute their activations there (k = 1: every block, activation memory about one block's
+    for one extra forward; larger k: selective, trading memory back for less recomputation)."""
+    k = int(checkpoint_every)
+    for i, block in enumerate(blocks):
+        if k and i % k == 0 and torch.is_grad_enabled():
+            x = checkpoint(block, x, rope, num_prefix_tokens, use_reentrant=False)
         else:
-            x = run_block(block, x, rope, num_prefix_tokens)
+            x = block(x, rope, num_prefix_tokens)
     return x
 
 
@@ -120,8 +127,8 @@ class ViTEncoder(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         if self.dist_token is not None:
             nn.init.normal_(self.dist_token, std=0.02)
-        self.grad_checkpointing = False
-        # Recompute block activations in the backward (see run_blocks): a training option, not saved.
+        self.grad_checkpointing: int = 0
+        # Recompute every k-th block's activations in the backward (run_blocks): a training option, not saved.
 
     @property
     def num_patches(self) -> int:

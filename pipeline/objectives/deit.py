@@ -44,7 +44,6 @@ def build(recipe: DeiTRecipe, plan: RunPlan) -> Training:
         teacher = load_teacher(m.teacher, resolve_uri(recipe.tracking), recipe.normalisation())
         tags["vitpipe.teacher"] = m.teacher.model
     task = DeiTTask(m, recipe.optim, plan.schedule, teacher)
-    task.model.encoder.grad_checkpointing = recipe.trainer.activation_checkpointing
     # the student's FLOPs (both heads); the teacher's forward is work beside the model, not counted
     flops = 3 * sum(vit_forward_flops(m.encoder, m.num_classes, heads=2).values())
     return Training(task, [WeightEMA(m.ema_decay)] if m.ema_decay else [], tags, flops_per_image=flops)

@@ -35,7 +35,6 @@ def build(recipe: MAERecipe, plan: RunPlan) -> Training:
     from ..tracking.callbacks import ReconstructionImages
 
     task = MAEPretrainTask(recipe.model, recipe.optim, plan.schedule)
-    task.model.set_grad_checkpointing(recipe.trainer.activation_checkpointing)
     callbacks = []
     if recipe.tracking.recon_every_n_steps:  # input / masked / reconstruction grids logged to the run
         t = recipe.data.transform

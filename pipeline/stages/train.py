@@ -112,10 +112,28 @@ def train(recipe: RunRecipe, resume: str | None = "auto", extra_callbacks: Seque
     return result
 
 
+def apply_block_options(recipe: RunRecipe, task: L.LightningModule) -> None:
+    """Activation checkpointing and regional compilation of the trained model's transformer blocks (a model
+    without ViT blocks, such as a timm CNN, runs as it is, said once)."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    from ..models.block_options import compile_blocks, compile_refusal, set_activation_checkpointing
+
+    tr, model = recipe.trainer, getattr(task, "model", task)  # the trained network, not a DeiT teacher
+    set_activation_checkpointing(model, tr.activation_checkpointing)
+    if not tr.compile:
+        return
+    if (refusal := compile_refusal(tr.strategy, recipe.zero.stage)) is not None:
+        rank_zero_warn(refusal)
+    elif compile_blocks(model) == 0:
+        rank_zero_warn(f"trainer.compile: {type(model).__name__} has no ViT blocks to compile; it runs eager")
+
+
 def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: Sequence[L.Callback] = ()
         ) -> TrainResult:
     """Build the Trainer for ``recipe`` around the objective's task and run it to its end (or a preemption)."""
     tr = recipe.trainer
+    apply_block_options(recipe, training.task)
     layout = resolve_layout(tr.devices, tr.num_nodes)
     cluster = cluster_environment(layout)
     record = RunRecord(recipe, plan.resume)
