@@ -14,18 +14,18 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_mae import ReferenceMAE  # noqa: E402
+from reference_mae import ReferenceMAE
 
-from pipeline.models import MAE, DecoderConfig, MAEConfig, ViTConfig  # noqa: E402
-from pipeline.models.block_options import compile_blocks  # noqa: E402
-from pipeline.tasks.config import OptimConfig  # noqa: E402
-from pipeline.tasks.optim import build_optimizer  # noqa: E402
+from pipeline.models import MAE, DecoderConfig, MAEConfig, ViTConfig
+from pipeline.models.block_options import compile_blocks
+from pipeline.tasks.config import OptimConfig
+from pipeline.tasks.optim import build_optimizer
 
 Step = Callable[[], None]
 
