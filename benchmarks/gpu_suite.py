@@ -1,0 +1,204 @@
+"""The GPU efficiency suite: vitpipe's real training path (recipe -> plan -> objective -> Lightning fit, with
+its Throughput, data-wait and MLflow tracking to a local SQLite store) on synthetic JPEG shards it writes first,
+one table row per configuration: images/s, MFU, peak memory, data-wait fraction; then the top operators of a
+profiled step of the fastest MAE configuration.
+
+Rows: MAE ViT-L/16 model only (batches decoded once, then replayed from memory: what the model and the
+training loop reach without the loader) at each ``--batches`` size, and through the loader at the fastest of
+them (GPU decode where a GPU is); DeiT-B/16 model only (no teacher). Throughput leaves out the first logging
+window (compilation, allocator warm-up).
+
+``--cpu-smoke`` runs the same steps with tiny models on the CPU, in seconds: the suite's own test.
+
+    benchmarks/gpu_suite.sh [--wheels DIR] [--cpu-smoke]      # the script that installs what is missing first
+    python benchmarks/gpu_suite.py [--batches 256,384] [--steps 40] [--window 10] [--no-compile] [--cpu-smoke]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.data.datamodule import ShardDataModule
+from pipeline.objectives.registry import objective_of
+from pipeline.recipe import RunRecipe, load_recipe
+from pipeline.stages.shard import shard_image_folder
+from pipeline.stages.train import fit, plan_run, train
+from pipeline.tracking.callbacks import DataWait
+from pipeline.tracking.step_profile import StepProfile
+from pipeline.tracking.throughput import Throughput
+
+TINY_VIT = {"model.encoder.size": "tiny", "model.encoder.depth": "2", "model.encoder.embed_dim": "64",
+            "model.encoder.num_heads": "4", "model.encoder.image_size": "[32, 32]", "model.encoder.patch_size": "8"}
+TINY_MAE = {**TINY_VIT, "model.decoder.depth": "1", "model.decoder.dim": "32", "model.decoder.num_heads": "4"}
+
+
+def write_synthetic_jpegs(root: Path, n: int, size: int, classes: int = 10) -> None:
+    """``n`` JPEG photos-like images (smooth colour fields plus noise, so they compress like photos) in
+    ``classes`` class folders, a little larger than the crop as real photos are."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    h, w = int(size * 1.25), int(size * 1.5)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    for i in range(n):
+        folder = root / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        f = rng.uniform(1, 6, size=(3, 2))
+        img = np.stack([np.sin(f[c, 0] * xx * 6.28 + f[c, 1] * yy * 6.28) for c in range(3)], -1) * 90 + 128
+        img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i:06d}.jpg", quality=90)
+
+
+class InMemoryBatches(ShardDataModule):
+    """The shard datamodule whose training loader replays its first ``keep`` batches: the model-only rows
+    run the same transfer, normalisation and training step without waiting for decode."""
+
+    keep = 4
+
+    def train_dataloader(self) -> Any:
+        batches = []
+        for batch in super().train_dataloader():
+            batches.append(batch)
+            if len(batches) == self.keep:
+                break
+        return Replay(batches, self.trainer.max_steps * self.trainer.accumulate_grad_batches)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class Replay:
+    batches: list[dict[str, Any]]
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        for i in range(self.length):
+            yield self.batches[i % len(self.batches)]
+
+
+class Collect(L.Callback):
+    """The run's figures, steady state: the Throughput windows after the first, data wait, peak memory."""
+
+    def __init__(self) -> None:
+        self.row: dict[str, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        throughput = next(c for c in trainer.callbacks if isinstance(c, Throughput))
+        wait = next(c for c in trainer.callbacks if isinstance(c, DataWait)).fraction()
+        windows = throughput.windows[1:] or throughput.windows
+        seconds, images = sum(s for s, _ in windows), sum(n for _, n in windows)
+        self.row = throughput.figures(seconds, images, trainer.world_size) if seconds else {}
+        self.row["data_wait"] = wait[0] / wait[1] if wait and wait[1] else None
+        self.row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def overrides(args: argparse.Namespace, work: Path, batch: int, mae: bool, model_only: bool) -> dict[str, Any]:
+    gpu = torch.cuda.is_available()
+    out = {"data.train": str(work / "shards" / "train"), "data.val": str(work / "shards" / "train"),
+           "data.num_workers": args.workers, "data.decode": "gpu" if not model_only else "cpu",
+           "trainer.accelerator": "gpu" if gpu else "cpu", "trainer.devices": 1, "trainer.num_nodes": 1,
+           "trainer.strategy": args.strategy, "trainer.precision": "bf16-mixed" if gpu else "32-true",
+           "trainer.global_batch": batch, "trainer.micro_batch": None, "trainer.max_steps": args.steps + 1,
+           "trainer.log_every_n_steps": args.window, "trainer.compile": not args.no_compile,
+           "checkpoint.enabled": False, "tracking.uri": f"sqlite:///{work / 'mlflow.db'}",
+           "tracking.experiment": "vitpipe-gpu-suite", "register.name": None}
+    if args.peak_tflops:
+        out["trainer.peak_tflops"] = args.peak_tflops
+    if mae:
+        out["tracking.recon_every_n_steps"] = 0
+    else:
+        out.update({"model.num_classes": 10, "model.distill.kind": "none", "model.eval_limit": 64})
+    if args.cpu_smoke:
+        out.update(TINY_MAE if mae else TINY_VIT)
+    return out
+
+
+def run_row(recipe: RunRecipe, model_only: bool, profile: StepProfile | None) -> dict[str, Any]:
+    collect = Collect()
+    extra = [collect] + ([profile] if profile else [])
+    start = time.perf_counter()
+    if model_only:
+        plan = plan_run(recipe, "none")
+        dm = plan.datamodule
+        plan.datamodule = InMemoryBatches(dm.cfg, dm.batch_size, dm.seed, dm.labelled, dm.num_classes)
+        fit(recipe, plan, objective_of(recipe).build(recipe, plan), extra)
+    else:
+        train(recipe, resume="none", extra_callbacks=extra)
+    collect.row["wall_s"] = time.perf_counter() - start
+    return collect.row
+
+
+def fmt(value: Any, spec: str, scale: float = 1.0, unit: str = "") -> str:
+    return "n/a" if value is None else format(value * scale, spec) + unit
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", default="256,384", help="MAE ViT-L/16 per-GPU batches to try (model only)")
+    p.add_argument("--deit-batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--window", type=int, default=10, help="logging window (throughput is measured over it)")
+    p.add_argument("--images", type=int, default=4096, help="synthetic JPEGs to write")
+    p.add_argument("--workers", type=int, default=12)
+    p.add_argument("--strategy", default="auto", help="auto (one device), ddp or deepspeed")
+    p.add_argument("--peak-tflops", type=float, default=None, help="default: from the GPU's name")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU: checks the suite runs")
+    args = p.parse_args()
+    if args.cpu_smoke:
+        args.batches, args.deit_batch, args.steps, args.window, args.images, args.workers = "8", 8, 6, 2, 64, 1
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="vitpipe-gpu-suite-"))
+    size = 32 if args.cpu_smoke else 224
+    if not (work / "shards" / "train" / "manifest.json").exists():
+        write_synthetic_jpegs(work / "photos", args.images, size)
+        shard_image_folder(str(work / "photos"), str(work / "shards"), shard_size=512 if not args.cpu_smoke else 32,
+                           workers=min(8, args.workers) or 1)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (smoke: tiny models)"
+    mae_recipe, deit_recipe = "mae/vit_large16", "deit/deit_base16"
+    rows: list[tuple[str, int, dict[str, Any]]] = []
+    profiles: dict[int, StepProfile] = {}
+    for batch in (int(b) for b in args.batches.split(",")):
+        profiles[batch] = StepProfile(first=args.steps)  # one more step, after the last measured window
+        recipe = load_recipe(mae_recipe, overrides(args, work, batch, mae=True, model_only=True))
+        rows.append(("MAE ViT-L/16, model only", batch, run_row(recipe, True, profiles[batch])))
+    best = max(rows, key=lambda r: r[2].get("perf/images_per_s", 0))[1]
+    recipe = load_recipe(mae_recipe, overrides(args, work, best, mae=True, model_only=False))
+    rows.append(("MAE ViT-L/16, through the loader", best, run_row(recipe, False, None)))
+    recipe = load_recipe(deit_recipe, overrides(args, work, args.deit_batch, mae=False, model_only=True))
+    rows.append(("DeiT-B/16, model only", args.deit_batch, run_row(recipe, True, None)))
+
+    print(f"\nvitpipe GPU suite on {device}: {'bf16-mixed' if torch.cuda.is_available() else 'fp32'}, "
+          f"strategy {args.strategy}, compile {not args.no_compile}, {args.steps} steps per row, figures over "
+          f"the logging windows after the first ({args.window} steps each)")
+    print("| row | batch | images/s | TFLOP/s | MFU | peak memory | data wait | wall |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, batch, r in rows:
+        print(f"| {name} | {batch} | {fmt(r.get('perf/images_per_s'), '.0f')} | "
+              f"{fmt(r.get('perf/tflops_per_device'), '.1f')} | {fmt(r.get('perf/mfu'), '.1f', 100, ' %')} | "
+              f"{fmt(r.get('peak_gib'), '.1f', unit=' GiB')} | {fmt(r.get('data_wait'), '.1f', 100, ' %')} | "
+              f"{r['wall_s']:.0f} s |")
+    print(f"\ntop operators of one step (after the measured ones), MAE ViT-L/16 model only, batch {best}:")
+    print(profiles[best].table(10))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU efficiency suite (benchmarks/gpu_suite.py) as one prepared script for a GPU host.
+#   benchmarks/gpu_suite.sh [--wheels DIR] [--cpu-smoke] [other gpu_suite.py options]
+# --wheels DIR: install what the host's Python lacks of deepspeed, webdataset and mlflow from wheels in DIR,
+#   offline (pip --no-index), before running; torch, lightning and timm must be there already.
+# Runs with .venv/bin/python when the project's environment exists, else python3 (PYTHON overrides), with the
+# checkout on PYTHONPATH, so nothing else needs installing.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+python="${PYTHON:-}"
+[ -n "$python" ] || { [ -x "$root/.venv/bin/python" ] && python="$root/.venv/bin/python" || python=python3; }
+wheels="" args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --wheels) wheels="$2"; shift 2 ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+if [ -n "$wheels" ]; then
+  missing=()
+  for mod in deepspeed webdataset mlflow; do
+    "$python" -c "import $mod" 2>/dev/null || missing+=("$mod")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "gpu_suite.sh: installing ${missing[*]} from $wheels (offline)"
+    "$python" -m pip install -q --no-index --find-links "$wheels" "${missing[@]}"
+  fi
+fi
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+exec "$python" "$root/benchmarks/gpu_suite.py" ${args[@]+"${args[@]}"}
