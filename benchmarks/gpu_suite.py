@@ -6,7 +6,7 @@ profiled step of the fastest MAE configuration.
 Rows: MAE ViT-L/16 model only (batches decoded once, then replayed from memory: what the model and the
 training loop reach without the loader) at each ``--batches`` size, and through the loader at the fastest of
 them (GPU decode where a GPU is); DeiT-B/16 model only (no teacher). Throughput leaves out the first logging
-window (compilation, allocator warm-up).
+window (compilation, allocator warm-up), as a run's summary does.
 
 ``--cpu-smoke`` runs the same steps with tiny models on the CPU, in seconds: the suite's own test.
 
@@ -103,7 +103,7 @@ class Collect(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         throughput = next(c for c in trainer.callbacks if isinstance(c, Throughput))
         wait = next(c for c in trainer.callbacks if isinstance(c, DataWait)).fraction()
-        windows = throughput.windows[1:] or throughput.windows
+        windows = throughput.steady()
         seconds, images = sum(s for s, _ in windows), sum(n for _, n in windows)
         self.row = throughput.figures(seconds, images, trainer.world_size) if seconds else {}
         self.row["data_wait"] = wait[0] / wait[1] if wait and wait[1] else None

@@ -1,4 +1,5 @@
-"""A run killed mid-epoch and resumed logs the same losses and sample keys as an uninterrupted run."""
+"""A run killed mid-epoch and resumed (past a checkpoint damaged after its commit) logs the same losses and
+sample keys as an uninterrupted run."""
 from __future__ import annotations
 
 import json
@@ -36,13 +37,18 @@ def test_killed_and_resumed_run_matches_uninterrupted(fmnist_shards, tmp_path, c
     assert (ckpt / ".step-00000012.partial").is_dir()  # the half-written checkpoint is there...
     assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000004", "step-00000008"]
 
-    second = _run(killed, child_env)  # ...and resume --auto takes step 8, never the partial one
+    # ...and step 8 is damaged after its commit (its state file cut short, as a full disk or a bad copy would)
+    state = ckpt / "step-00000008" / "state.ckpt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+
+    second = _run(killed, child_env)  # resume --auto names the damage and takes step 4: never the partial one
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming from" in second.stderr and "step-00000008" in second.stderr
+    assert f"checkpoint {ckpt / 'step-00000008'} is damaged: {state} has" in second.stderr
+    assert "resuming from" in second.stderr and "step-00000004" in second.stderr
 
     want, got = _trace(tmp_path / "ref.jsonl"), _trace(tmp_path / "killed.jsonl")
     assert sorted(want) == list(range(1, 17))
-    for step in range(9, 17):  # every step after the resume point
+    for step in range(5, 17):  # every step after the resume point (5..8 trained again)
         assert got[step]["keys"] == want[step]["keys"], f"step {step}: different samples"
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5, abs=1e-6), f"step {step}"
     # and the steps before the kill saw the same data too (same plan, same seed)

@@ -101,16 +101,24 @@ class Throughput(L.Callback):
                 out["perf/mfu"] = tflops / self.peak
         return out
 
+    def steady(self) -> list[tuple[float, int]]:
+        """The windows that measure the steady state: all but the first (start-up: compilation, allocator and
+        loader warm-up) when there are three or more, else all."""
+        return self.windows[1:] if len(self.windows) >= 3 else self.windows
+
     def summary(self, world: int) -> str | None:
-        """One line for the run summary: the run's figures over all its measured windows."""
-        if not self.windows:
+        """One line for the run summary: the run's figures over its steady-state windows."""
+        windows = self.steady()
+        if not windows:
             return None
-        seconds = sum(s for s, _ in self.windows)
-        images = sum(n for _, n in self.windows)
+        seconds = sum(s for s, _ in windows)
+        images = sum(n for _, n in windows)
         f = self.figures(seconds, images, world)
         line = f"throughput: {f['perf/images_per_s']:.1f} images/s"
         if "perf/tflops_per_device" in f:
             line += f", {f['perf/tflops_per_device']:.3g} TFLOP/s per device"
         if "perf/mfu" in f:
             line += f", MFU {f['perf/mfu']:.1%} of {self.peak:g} TFLOP/s"
+        if len(windows) < len(self.windows):
+            line += " after the first logging window"
         return line + (f" ({self.note})" if self.note else "")
