@@ -103,9 +103,7 @@ class Collect(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         throughput = next(c for c in trainer.callbacks if isinstance(c, Throughput))
         wait = next(c for c in trainer.callbacks if isinstance(c, DataWait)).fraction()
-        windows = throughput.steady()
-        seconds, images = sum(s for s, _ in windows), sum(n for _, n in windows)
-        self.row = throughput.figures(seconds, images, trainer.world_size) if seconds else {}
+        self.row = throughput.steady_figures(trainer.world_size) or {}
         self.row["data_wait"] = wait[0] / wait[1] if wait and wait[1] else None
         self.row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 

@@ -40,6 +40,7 @@ def run_one(a: argparse.Namespace, act_ckpt: bool) -> dict:
     import torch
 
     from pipeline.distributed import ZeroConfig, build_strategy
+    from pipeline.models.block_options import set_activation_checkpointing
     from pipeline.tasks import MAEPretrainTask, OptimConfig, Schedule
 
     class OnDeviceImages(MAEPretrainTask):
@@ -61,7 +62,7 @@ def run_one(a: argparse.Namespace, act_ckpt: bool) -> dict:
     task = OnDeviceImages(model_config(a), OptimConfig(warmup_steps=5),
                           Schedule(total_steps=total, warmup_steps=5, effective_batch=a.batch))
     task.stamps = []  # wall time at the end of each step, after the GPU has finished it
-    task.model.set_grad_checkpointing(act_ckpt)
+    set_activation_checkpointing(task.model, act_ckpt)
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed",
                         strategy=build_strategy("deepspeed", ZeroConfig(stage=2)), max_steps=total,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,

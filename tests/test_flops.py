@@ -6,6 +6,7 @@ from timm.layers import set_fused_attn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.models import MAE, DecoderConfig, MAEConfig, ViTConfig
+from pipeline.models.block_options import set_activation_checkpointing
 from pipeline.models.flops import block_flops, mae_forward_flops, mae_train_flops_per_image
 
 
@@ -54,7 +55,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
 
     def loss_and_grads(checkpointing: bool):
         model.zero_grad()
-        model.set_grad_checkpointing(checkpointing)
+        set_activation_checkpointing(model, checkpointing)
         loss, _, _ = model(imgs, noise)
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -6,8 +6,7 @@ run write a committed checkpoint at an optimizer-step boundary (so the saved dat
 agree, and a resume is exact), stop, and report itself preempted. One process acts at its next step; several
 agree at the next logging step (every ``trainer.log_every_n_steps`` steps), where they synchronise anyway:
 learning of another rank's signal needs a collective whose result the host reads, a stall every step would
-pay. Then under Slurm, rank 0 then requeues
-the job (``scontrol requeue``), and the restarted job resumes with ``--resume auto``.
+pay. Under Slurm, rank 0 then requeues the job (``scontrol requeue``), and the restarted job resumes with ``--resume auto``.
 """
 from __future__ import annotations
 

@@ -8,13 +8,9 @@ place, so parameter names, state dicts and checkpoints are those of the eager mo
 """
 from __future__ import annotations
 
-import logging
-
 from torch import nn
 
 from .vit import ViTBlock, ViTEncoder
-
-log = logging.getLogger(__name__)
 
 
 def set_activation_checkpointing(model: nn.Module, every: int | bool) -> int:

@@ -36,11 +36,6 @@ class MAE(nn.Module):
             init_weights_mae(module)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def set_grad_checkpointing(self, every: int | bool = 1) -> None:
-        """Activation checkpointing of every ``every``-th block (0 / False: none), in the encoder and the
-        decoder."""
-        self.encoder.grad_checkpointing = int(every)
-
     # -- pixels <-> patches -------------------------------------------------------------------------
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs [B, C, H, W] -> patches [B, L, p*p*C] (row-major patches, pixels in (p, p, C) order)."""

@@ -106,19 +106,21 @@ class Throughput(L.Callback):
         loader warm-up) when there are three or more, else all."""
         return self.windows[1:] if len(self.windows) >= 3 else self.windows
 
+    def steady_figures(self, world: int) -> dict[str, float] | None:
+        """The perf/ figures over the steady-state windows together; None before any window ended."""
+        windows = self.steady()
+        seconds, images = sum(s for s, _ in windows), sum(n for _, n in windows)
+        return self.figures(seconds, images, world) if seconds > 0 else None
+
     def summary(self, world: int) -> str | None:
         """One line for the run summary: the run's figures over its steady-state windows."""
-        windows = self.steady()
-        if not windows:
+        if (f := self.steady_figures(world)) is None:
             return None
-        seconds = sum(s for s, _ in windows)
-        images = sum(n for _, n in windows)
-        f = self.figures(seconds, images, world)
         line = f"throughput: {f['perf/images_per_s']:.1f} images/s"
         if "perf/tflops_per_device" in f:
             line += f", {f['perf/tflops_per_device']:.3g} TFLOP/s per device"
         if "perf/mfu" in f:
             line += f", MFU {f['perf/mfu']:.1%} of {self.peak:g} TFLOP/s"
-        if len(windows) < len(self.windows):
+        if len(self.steady()) < len(self.windows):
             line += " after the first logging window"
         return line + (f" ({self.note})" if self.note else "")
