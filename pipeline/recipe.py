@@ -13,6 +13,7 @@ from .checkpoint.store import CheckpointConfig
 from .config import ConfigError, apply_overrides, build, digest, read_mapping, to_dict
 from .data.config import StorageConfig, StreamConfig
 from .distributed.strategy import ZeroConfig
+from .guard.config import GuardConfig
 from .objectives.registry import DEFAULT_TASK, objective
 from .resources import find_recipe
 from .tracking import TrackingConfig
@@ -47,6 +48,8 @@ class TrainerConfig:
     PCIe, H200, B200), and no MFU where unknown (the CPU)."""
     sample_trace: str | None = None
     """Write one JSON line per batch (step, loss, sample keys) to this file."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """Skip non-finite steps; roll back to the newest sound checkpoint on a loss spike (README: the guard)."""
 
     def __post_init__(self) -> None:
         if self.max_epochs is None and self.max_steps is None:

@@ -10,6 +10,8 @@ Usage: python run_pretrain.py OVERRIDES_JSON [--recipe NAME] [--kill-in-checkpoi
     scheduler would; the run checkpoints at the next optimizer step, stops and exits with 128 + the signal.
 --save-on-start: once restored and before the first step, save the state as the strategy writes it to PATH
     (a folder under DeepSpeed): what a resume restored, to compare with what was saved.
+--poison-at STEP [--poison-rank R]: rank R's batch of optimizer step STEP is all NaN (fault_injection).
+--spike-at STEP [--spike-count N]: the loss of N steps from STEP is 50 times larger on every rank.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+from fault_injection import PoisonBatch, SpikeLoss
 
 from pipeline.recipe import load_recipe
 from pipeline.stages.train import train as pretrain
@@ -96,6 +99,10 @@ if __name__ == "__main__":
         callbacks.append(SaveOnStart(path))
     if (step := _option("--signal-at")) is not None:
         callbacks.append(SignalAt(int(step), int(_option("--signal-rank") or 0)))
+    if (step := _option("--poison-at")) is not None:
+        callbacks.append(PoisonBatch(int(step), int(_option("--poison-rank") or 0)))
+    if (step := _option("--spike-at")) is not None:
+        callbacks.append(SpikeLoss(int(step), int(_option("--spike-count") or 1)))
     recipe = load_recipe(_option("--recipe") or "mae/tiny_fmnist", overrides)
     result = pretrain(recipe, resume="auto", extra_callbacks=callbacks)
     sys.exit(128 + result.preempted if result.preempted else 0)

@@ -14,7 +14,7 @@ import lightning as L
 from ..data.storage import StorageError
 from .mirror import Mirror, files_of_rank
 from .shared_fs import folder_owner
-from .store import STATE, CheckpointConfig, commit, partial_dir, prune, step_dir
+from .store import STATE, CheckpointConfig, commit, complete_checkpoints, partial_dir, prune, step_dir
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ class CommittedCheckpoint(L.Callback):
         self.mirror = Mirror(cfg.mirror) if cfg.mirror else None
         self._last_saved = -1
         self._owner = True  # this process creates, commits and prunes its node's copy of the folder
+        self.held = False  # set by a rollback: the weights of the abandoned trajectory are not saved
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._owner = folder_owner(trainer.strategy, self.root)
@@ -37,15 +38,36 @@ class CommittedCheckpoint(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if step > 0 and step % self.cfg.every_n_steps == 0 and step != self._last_saved:
+        if step > 0 and step % self.cfg.every_n_steps == 0 and step != self._last_saved and not self.held:
             self.save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step != self._last_saved:
+        if trainer.global_step != self._last_saved and not self.held:
             self.save(trainer)
 
-    def save(self, trainer: L.Trainer) -> Path:
+    def hold(self, trainer: L.Trainer, after: int) -> None:
+        """Save nothing more in this run, and set aside the checkpoints of steps after ``after`` (renamed
+        ``step-N.rolled-back``, mirrored copies removed): a later ``--resume auto`` must not pick them."""
+        self.held = True
+        if self._owner:
+            for step, folder in complete_checkpoints(self.root):
+                if step > after:
+                    target = folder.with_name(folder.name + ".rolled-back")
+                    shutil.rmtree(target, ignore_errors=True)
+                    folder.rename(target)
+        if self.mirror is not None and trainer.is_global_zero:
+            try:
+                for step in self.mirror.complete_steps():
+                    if step > after:
+                        self.mirror.clear(step)
+            except StorageError as err:
+                log.error("rolled-back checkpoints stay in %s: %s", self.mirror.url, err)
+        trainer.strategy.barrier("checkpoint-held")
+
+    def save(self, trainer: L.Trainer) -> Path | None:
         step = trainer.global_step
+        if self.held:
+            return None
         tmp, final = partial_dir(self.root, step), step_dir(self.root, step)
         if step == self._last_saved:  # e.g. a preemption at a step that was just checkpointed
             return final

@@ -118,10 +118,12 @@ def damage(step_folder: Path) -> str | None:
     return None
 
 
-def newest_sound(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` whose files match its marker's record; each damaged
-    newer one is named in a warning and passed over."""
-    for _, folder in reversed(complete_checkpoints(root)):
+def newest_sound(root: str | Path, before: int | None = None) -> Path | None:
+    """The newest complete checkpoint under ``root`` (of a step below ``before``, when given) whose files match
+    its marker's record; each damaged newer one is named in a warning and passed over."""
+    for step, folder in reversed(complete_checkpoints(root)):
+        if before is not None and step >= before:
+            continue
         if (problem := damage(folder)) is None:
             return folder
         log.warning("checkpoint %s is damaged: %s; falling back to the previous one", folder, problem)

@@ -15,6 +15,7 @@ from ..checkpoint.resume import ResumePoint
 from ..checkpoint.store import CONFIG, RUN_ID
 from ..config import flatten
 from ..data.datamodule import ShardDataModule
+from ..guard import Rollback
 from ..recipe import RunRecipe
 from ..registry.lineage import MANIFEST, MANIFEST_HASH, RECIPE_HASH, code_version
 from ..tracking import make_logger, resolve_uri
@@ -51,6 +52,8 @@ class TrainResult:
     preempted: int | None = None
     """The signal (SIGUSR1, SIGTERM) that stopped the run after a checkpoint; None when it ran to its end."""
     is_global_zero: bool = True
+    rollback: Rollback | None = None
+    """Set when the guard stopped the run to roll it back (``stages.train`` restarts it)."""
     summary: RunSummary = field(default_factory=RunSummary)
 
 

@@ -6,6 +6,7 @@ objectives is declared in ``pipeline.objectives``.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import signal
@@ -23,6 +24,7 @@ from ..checkpoint.store import STATE
 from ..console import report
 from ..data.datamodule import ShardDataModule
 from ..data.storage import apply_storage, probe_write
+from ..guard import ContinueAt, GuardLedger, StepGuard
 from ..distributed import build_strategy, cluster_environment, derive_batch, resolve_layout, world_size
 from ..objectives.registry import objective_of
 from ..objectives.spec import Training
@@ -90,11 +92,19 @@ def plan_run(recipe: RunRecipe, resume: str | None) -> RunPlan:
 
 
 def train(recipe: RunRecipe, resume: str | None = "auto", extra_callbacks: Sequence[L.Callback] = ()) -> TrainResult:
-    """Train ``recipe`` with its objective; ``resume``: auto (newest complete checkpoint), none, or a folder."""
+    """Train ``recipe`` with its objective; ``resume``: auto (newest complete checkpoint), none, or a folder.
+
+    A rollback the guard asks for restarts the run here, in this process, from the checkpoint it names (the
+    strategy restores the full state, ZeRO-3 included) with the data stream where it was."""
     objective = objective_of(recipe)
     stage = objective.stage
     plan = plan_run(recipe, resume)
     result = fit(recipe, plan, objective.build(recipe, plan), extra_callbacks)
+    while (rollback := result.rollback) is not None:
+        gc.collect()  # the abandoned trajectory's model and optimizer state, before the checkpoint's are built
+        plan = plan_run(recipe, str(rollback.checkpoint))
+        result = fit(recipe, plan, objective.build(recipe, plan), [*extra_callbacks, ContinueAt(rollback)],
+                     ledger=rollback.ledger)
     if not result.is_global_zero:
         return result
     if result.preempted:
@@ -129,9 +139,24 @@ def apply_block_options(recipe: RunRecipe, task: L.LightningModule) -> None:
         rank_zero_warn(f"trainer.compile: {type(model).__name__} has no ViT blocks to compile; it runs eager")
 
 
-def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: Sequence[L.Callback] = ()
-        ) -> TrainResult:
-    """Build the Trainer for ``recipe`` around the objective's task and run it to its end (or a preemption)."""
+def build_guard(recipe: RunRecipe, saver: CommittedCheckpoint | None, ledger: GuardLedger | None
+                ) -> StepGuard | None:
+    """The guard of ``trainer.guard``. It clips gradients itself (one norm for clipping and its check), except
+    under DeepSpeed, which clips inside ZeRO and skips a non-finite norm there, and under fp16, whose loss
+    scaler skips non-finite steps its own way."""
+    tr = recipe.trainer
+    if not tr.guard.enabled:
+        return None
+    skips = tr.precision != "16-mixed"
+    return StepGuard(tr.guard, recipe.optim.grad_clip, owns_clipping=skips and tr.strategy != "deepspeed",
+                     skips=skips, root=Path(recipe.checkpoint.dir) if saver is not None else None, saver=saver,
+                     ledger=ledger)
+
+
+def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: Sequence[L.Callback] = (),
+        ledger: GuardLedger | None = None) -> TrainResult:
+    """Build the Trainer for ``recipe`` around the objective's task and run it to its end (or a preemption, or
+    a rollback the guard asks for; ``ledger``: the guard's record carried over from before a rollback)."""
     tr = recipe.trainer
     apply_block_options(recipe, training.task)
     layout = resolve_layout(tr.devices, tr.num_nodes)
@@ -140,6 +165,10 @@ def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: S
     logger = record.open_logger()
     data_wait, throughput = DataWait(), Throughput(training.flops_per_image, tr.peak_tflops)
     callbacks: list[L.Callback] = [data_wait, throughput]
+    saver = CommittedCheckpoint(recipe.checkpoint, record.write_config) if recipe.checkpoint.enabled else None
+    guard = build_guard(recipe, saver, ledger)
+    if guard is not None:  # before the objective's callbacks: the weight average follows its verdict
+        callbacks.append(guard)
     if plan.resume is not None and plan.resume.fetch is not None:
         callbacks.append(FetchCheckpoint(plan.resume))
     if tr.sample_trace:
@@ -150,8 +179,7 @@ def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: S
     shown, bar = progress_callbacks(tr.log_every_n_steps)
     callbacks.extend(shown)
     preemption = None
-    if recipe.checkpoint.enabled:  # last: a checkpoint holds what every other callback did at that step
-        saver = CommittedCheckpoint(recipe.checkpoint, record.write_config)
+    if saver is not None:  # last: a checkpoint holds what every other callback did at that step
         preemption = PreemptionCheckpoint(saver, requeue=layout.launcher == "slurm")
         callbacks.extend([saver, preemption])
     trainer = L.Trainer(
@@ -159,7 +187,7 @@ def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: S
         strategy=build_strategy(tr.strategy, recipe.zero), plugins=[cluster] if cluster else None,
         precision=tr.precision,
         max_steps=plan.schedule.total_steps, max_epochs=-1, accumulate_grad_batches=plan.accumulate,
-        gradient_clip_val=recipe.optim.grad_clip, logger=logger, callbacks=callbacks,
+        gradient_clip_val=None if guard is not None and guard.owns_clipping else recipe.optim.grad_clip, logger=logger, callbacks=callbacks,
         enable_checkpointing=False, log_every_n_steps=tr.log_every_n_steps, use_distributed_sampler=False,
         num_sanity_val_steps=0, enable_model_summary=False, deterministic=False, enable_progress_bar=bar,
     )
@@ -174,12 +202,14 @@ def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: S
                          global_step=trainer.global_step, last_loss=getattr(training.task, "last_loss", None),
                          tracking_failures=tracking_failures(logger),
                          preempted=preemption.preempted if preemption else None,
-                         is_global_zero=trainer.is_global_zero)
+                         is_global_zero=trainer.is_global_zero, rollback=guard.rollback if guard else None)
     if (line := throughput.summary(trainer.world_size)) is not None:
         result.summary.add(line)
     if (waited := data_wait.fraction()) is not None and waited[1] > 0:
         result.summary.add(f"data wait: {waited[0] / waited[1]:.1%} of the training loop's time on this rank "
                            f"({waited[0]:.1f} s of {waited[1]:.1f} s; perf/data_wait_frac per step)")
+    if guard is not None and (line := guard.ledger.summary()) is not None:
+        result.summary.add(line)
     if result.tracking_failures:
         result.summary.add(f"{logger.tracking.summary()}; training was not affected")
     return result

@@ -8,6 +8,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from ..guard import step_applied
+
 STATE_KEY = "WeightEMA"
 
 
@@ -47,8 +49,11 @@ class WeightEMA(L.Callback):
                            batch_idx: int) -> None:
         if trainer.global_step == self.step:  # an accumulation micro-batch: the weights did not change
             return
+        # A step the guard skipped leaves the average bitwise as it was: weight 0, decided on the device.
+        applied = step_applied(trainer)
+        weight = 1.0 - self.decay if applied is None else applied * (1.0 - self.decay)
         for k, v in self._weights(pl_module).items():
-            self.shadow[k].mul_(self.decay).add_(v.detach().float(), alpha=1.0 - self.decay)
+            self.shadow[k].lerp_(v.detach().float(), weight)
         self.step = trainer.global_step
 
     def state_dict(self) -> dict[str, Any]:

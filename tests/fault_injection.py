@@ -1,0 +1,92 @@
+"""Test-only faults injected into a real training run through callbacks.
+
+Each fault fires a fixed number of times over the life of the callback, so a run the guard rolls back (the
+same process, the same callbacks, step numbers counted again from the checkpoint) does not meet it again.
+Steps are 1-based optimizer steps: the step a batch trains.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+
+class PoisonBatch(L.Callback):
+    """NaN images in global rank ``rank``'s batches of optimizer ``step`` (a corrupt batch)."""
+
+    def __init__(self, step: int, rank: int = 0):
+        self.step, self.rank, self.keys = step, rank, []
+        self.fired = False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.fired or trainer.global_step + 1 != self.step or trainer.global_rank != self.rank:
+            return
+        batch["image"].fill_(float("nan"))
+        self.keys = list(batch.get("key", []))
+        self.fired = True
+
+
+class InfParameter(L.Callback):
+    """At optimizer ``step`` one weight of the trained model becomes inf, so every later step is non-finite
+    until a rollback restores the weights (not under ZeRO-3, whose weights are partitioned)."""
+
+    def __init__(self, step: int):
+        self.step, self.fired = step, False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.fired or trainer.global_step + 1 != self.step:
+            return
+        with torch.no_grad():
+            next(p for p in pl_module.parameters() if p.requires_grad).view(-1)[0] = float("inf")
+        self.fired = True
+
+
+class SpikeLoss(L.Callback):
+    """The loss of ``count`` consecutive optimizer steps from ``step`` multiplied by ``factor`` (its gradient
+    too, before clipping): a loss spike the guard must see on every rank."""
+
+    def __init__(self, step: int, count: int, factor: float = 50.0):
+        self.step, self.count, self.factor, self.left = step, count, factor, count
+        self.fired: list[int] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        plain = type(pl_module).training_step
+
+        def training_step(batch: Any, batch_idx: int) -> Any:
+            out = plain(pl_module, batch, batch_idx)
+            step = trainer.global_step + 1
+            if self.left and step >= self.step:
+                if step not in self.fired:
+                    self.fired.append(step)
+                    self.left -= 1
+                return out * self.factor if isinstance(out, torch.Tensor) else {**out, "loss": out["loss"] *
+                                                                                self.factor}
+            return out
+
+        pl_module.training_step = training_step  # this run's task only; a rolled-back run builds a new one
+
+
+class Snapshot(L.Callback):
+    """Copies of the model's weights and the optimizer's state before and after optimizer ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.before: dict[str, torch.Tensor] = {}
+        self.after: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _state(trainer: L.Trainer, pl_module: Any) -> dict[str, torch.Tensor]:
+        out = {f"w.{k}": v.detach().clone() for k, v in pl_module.state_dict().items() if torch.is_tensor(v)}
+        for i, state in enumerate(trainer.optimizers[0].state.values()):
+            out.update({f"opt.{i}.{k}": v.detach().clone() for k, v in state.items() if torch.is_tensor(v)})
+        return out
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step + 1 == self.step:
+            self.before = self._state(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self.step and not self.after:
+            self.after = self._state(trainer, pl_module)
