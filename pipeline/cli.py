@@ -8,6 +8,7 @@ import sys
 from typing import Callable, get_args
 
 from .config import ConfigError
+from .errors import RunStopped
 from .console import quiet_third_party
 from .evaluation.config import EvalConfig, KNNConfig
 
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:  # ModelError, ManifestError are ValueErrors
         print(f"vitpipe {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as err:  # the guard's last word, a checkpoint that could not be written
+        print(f"vitpipe {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
 
 
 # Each verb: parse what is left of the arguments, call one stage function. Heavy modules are imported only

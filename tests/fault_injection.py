@@ -6,6 +6,11 @@ Steps are 1-based optimizer steps: the step a batch trains.
 """
 from __future__ import annotations
 
+import errno
+import os
+import signal
+import socket
+import time
 from typing import Any
 
 import lightning as L
@@ -90,3 +95,48 @@ class Snapshot(L.Callback):
                            batch_idx: int) -> None:
         if trainer.global_step == self.step and not self.after:
             self.after = self._state(trainer, pl_module)
+
+
+class SigkillAt(L.Callback):
+    """Global rank ``rank`` SIGKILLs itself after optimizer ``step``, in the first attempt of a launcher's group
+    only (a restarted group, ``TORCHELASTIC_RESTART_COUNT`` > 0, runs on)."""
+
+    def __init__(self, step: int, rank: int):
+        self.step, self.rank = step, rank
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        first = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if first and trainer.global_step == self.step and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class NoSpaceAt(L.Callback):
+    """Writing the checkpoint of optimizer ``step`` fails with ENOSPC, as on a full disk (once)."""
+
+    def __init__(self, step: int):
+        self.step, self.fired = step, False
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict) -> None:
+        if not self.fired and trainer.global_step == self.step:
+            self.fired = True
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "state.ckpt")
+
+
+class StopServerAtEnd(L.Callback):
+    """When training ends, before the logger writes the run's final status: kill the tracking server (process
+    group ``pid``) and wait until its ``port`` refuses connections."""
+
+    def __init__(self, pid: int, port: int):
+        self.pid, self.port = pid, port
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if not trainer.is_global_zero:
+            return
+        os.killpg(self.pid, signal.SIGKILL)
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            except OSError:
+                return
+            time.sleep(0.1)

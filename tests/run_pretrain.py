@@ -12,6 +12,9 @@ Usage: python run_pretrain.py OVERRIDES_JSON [--recipe NAME] [--kill-in-checkpoi
     (a folder under DeepSpeed): what a resume restored, to compare with what was saved.
 --poison-at STEP [--poison-rank R]: rank R's batch of optimizer step STEP is all NaN (fault_injection).
 --spike-at STEP [--spike-count N]: the loss of N steps from STEP is 50 times larger on every rank.
+--sigkill-at STEP --sigkill-rank R: rank R SIGKILLs itself after STEP in a launcher's first attempt.
+--no-space-at STEP: writing the checkpoint of STEP fails with ENOSPC.
+--stop-server-at-end PID:PORT: when training ends, before the final MLflow status, kill the server.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
-from fault_injection import PoisonBatch, SpikeLoss
+from fault_injection import NoSpaceAt, PoisonBatch, SigkillAt, SpikeLoss, StopServerAtEnd
 
 from pipeline.recipe import load_recipe
 from pipeline.stages.train import train as pretrain
@@ -103,6 +106,12 @@ if __name__ == "__main__":
         callbacks.append(PoisonBatch(int(step), int(_option("--poison-rank") or 0)))
     if (step := _option("--spike-at")) is not None:
         callbacks.append(SpikeLoss(int(step), int(_option("--spike-count") or 1)))
+    if (step := _option("--sigkill-at")) is not None:
+        callbacks.append(SigkillAt(int(step), int(_option("--sigkill-rank") or 0)))
+    if (step := _option("--no-space-at")) is not None:
+        callbacks.append(NoSpaceAt(int(step)))
+    if (server := _option("--stop-server-at-end")) is not None:
+        callbacks.append(StopServerAtEnd(*map(int, server.split(":"))))
     recipe = load_recipe(_option("--recipe") or "mae/tiny_fmnist", overrides)
     result = pretrain(recipe, resume="auto", extra_callbacks=callbacks)
     sys.exit(128 + result.preempted if result.preempted else 0)

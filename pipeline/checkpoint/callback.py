@@ -14,9 +14,20 @@ import lightning as L
 from ..data.storage import StorageError
 from .mirror import Mirror, files_of_rank
 from .shared_fs import folder_owner
-from .store import STATE, CheckpointConfig, commit, complete_checkpoints, partial_dir, prune, step_dir
+from ..errors import RunStopped
+from .store import (STATE, CheckpointConfig, commit, complete_checkpoints, latest_complete, partial_dir, prune,
+                    step_dir)
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointWriteError(RunStopped):
+    """A checkpoint could not be written (no space left, a quota, a read-only disk): the run stops."""
+
+
+def _sharded(trainer: L.Trainer) -> bool:
+    """Every rank writes its own files (DeepSpeed), rather than rank 0 alone."""
+    return getattr(trainer.strategy, "deepspeed_engine", None) is not None
 
 
 class CommittedCheckpoint(L.Callback):
@@ -75,13 +86,30 @@ class CommittedCheckpoint(L.Callback):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         trainer.strategy.barrier("checkpoint-begin")
-        # full state (optimizer, loops, callbacks); every rank takes part (sharded strategies write per rank)
-        trainer.save_checkpoint(tmp / STATE, weights_only=False)
+        failure: OSError | None = None
+        try:  # full state (optimizer, loops, callbacks); every rank takes part (sharded strategies write per rank)
+            trainer.save_checkpoint(tmp / STATE, weights_only=False)
+        except OSError as err:  # a full disk, a quota: the ranks agree below, so none waits for another
+            failure = err
+            if not _sharded(trainer):  # rank 0 alone wrote; the others wait in the barrier it did not reach
+                trainer.strategy.barrier("Trainer.save_checkpoint")
         trainer.strategy.barrier("checkpoint-written")
-        if self._owner:
-            if self.write_extras is not None:
-                self.write_extras(tmp)
-            commit(tmp, final, step)
+        if self._owner and failure is None:
+            try:
+                if self.write_extras is not None:
+                    self.write_extras(tmp)
+                commit(tmp, final, step)
+            except OSError as err:
+                failure = err
+        if not trainer.strategy.reduce_boolean_decision(failure is None, all=True):
+            if self._owner:
+                shutil.rmtree(tmp, ignore_errors=True)
+            newest = latest_complete(self.root)
+            raise CheckpointWriteError(
+                f"checkpoint of step {step}: writing {tmp} failed "
+                f"({failure if failure is not None else 'on another rank'}); the partial folder is removed "
+                f"and no resume picks it. The newest complete checkpoint is {newest or 'none'}: free space "
+                f"under {self.root} (or set checkpoint.dir elsewhere) and run again with --resume auto")
         trainer.strategy.barrier("checkpoint-committed")
         if self.mirror is not None:
             self._mirror(trainer, step, final)

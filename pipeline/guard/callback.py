@@ -22,6 +22,7 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import MLFlowLogger
 
 from ..checkpoint.store import STEP_DIR, newest_sound
+from ..errors import RunStopped
 from .config import GuardConfig
 from .detector import Detector, Verdict
 
@@ -30,7 +31,7 @@ STATE_KEY = "StepGuard"
 EVENTS = "guard_events.jsonl"  # beside the checkpoints: one JSON line per skipped step and rollback
 
 
-class GuardError(RuntimeError):
+class GuardError(RunStopped):
     """The run cannot heal itself (rollbacks used up, or no checkpoint to roll back to)."""
 
 

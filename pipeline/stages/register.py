@@ -14,6 +14,7 @@ from ..console import report
 from ..objectives.trained import exports_dir
 from ..registry import register_export
 from ..tracking import TrackingConfig, resolve_uri
+from ..tracking.final_status import settle as settle_final_status
 from ..tracking.secrets import scrub_url
 from ..tracking.stores import require_store
 from .export import export_checkpoint
@@ -35,6 +36,7 @@ def register_checkpoint(checkpoint: str | Path, name: str, alias: str = "candida
     else:  # credentials in the given URI are taken like a recipe's, and never printed
         tracking_uri = resolve_uri(TrackingConfig(uri=tracking_uri), where="--tracking-uri", create=False)
     require_store(tracking_uri)  # the store holding the run that wrote the checkpoints
+    settle_final_status(step.parent, tracking_uri)  # the training run's end, if the server missed it
     export_dir = exports_dir(step)
     if not (export_dir / "metadata.json").is_file():
         export_checkpoint(step, export_dir)

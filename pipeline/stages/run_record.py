@@ -19,6 +19,7 @@ from ..guard import Rollback
 from ..recipe import RunRecipe
 from ..registry.lineage import MANIFEST, MANIFEST_HASH, RECIPE_HASH, code_version
 from ..tracking import make_logger, resolve_uri
+from ..tracking.final_status import settle as settle_final_status
 from ..tracking.mlflow_setup import run_exists
 from ..tracking.secrets import scrub, scrub_url, without_userinfo
 
@@ -91,6 +92,8 @@ class RunRecord:
         recipe = self.recipe
         if self.previous is None:
             _start_run(logger, recipe, datamodule, tags, params)
+        else:  # the end of the run this one continues, if the server missed it
+            settle_final_status(self.root, resolve_uri(recipe.tracking))
         if recipe.checkpoint.enabled:
             self.root.mkdir(parents=True, exist_ok=True)
             self.write_config(self.root)

@@ -32,6 +32,7 @@ from ..recipe import RunRecipe
 from ..tasks import Schedule
 from ..tracking import resolve_uri
 from ..tracking.callbacks import DataWait, SampleTrace, SystemMetrics
+from ..tracking.final_status import keep as keep_final_status
 from ..tracking.mlflow_setup import tracking_failures
 from ..tracking.progress import progress_callbacks
 from ..tracking.throughput import Throughput
@@ -212,4 +213,14 @@ def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: S
         result.summary.add(line)
     if result.tracking_failures:
         result.summary.add(f"{logger.tracking.summary()}; training was not affected")
+    if logger is not None and logger.unsettled is not None:
+        status = logger.unsettled["status"]
+        if recipe.checkpoint.enabled:
+            kept = keep_final_status(record.root, logger.unsettled)
+            result.summary.add(f"MLflow did not answer when the run ended: its final status {status} is kept in "
+                               f"{kept} and written by the next vitpipe command that touches the run "
+                               "(pretrain --resume, register)")
+        else:
+            result.summary.add(f"MLflow did not answer when the run ended: run {logger.run_id} stays RUNNING "
+                               f"there (final status {status}; with checkpoints off there is no folder to keep it)")
     return result

@@ -1,6 +1,8 @@
 """MLflow logger set-up: experiment with a local artifact store, run naming, and a logger whose logging during training survives an unreachable tracking server."""
 from __future__ import annotations
 
+import time
+
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -18,6 +20,7 @@ class ResilientMLFlowLogger(MLFlowLogger):
         super().__init__(experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri,
                          artifact_location=artifact_location, run_id=run_id, log_model=False)
         self._mlflow_client = ResilientClient(self._mlflow_client, cooldown_s=cooldown_s)
+        self.unsettled: dict | None = None  # the final status, when the server did not take it
 
     @property
     def tracking(self) -> ResilientClient:
@@ -33,7 +36,10 @@ class ResilientMLFlowLogger(MLFlowLogger):
         if self._checkpoint_callback:
             self._scan_and_log_checkpoints(self._checkpoint_callback)
         status = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED"}.get(status, status)
-        self.experiment.set_terminated(self.run_id, status)
+        before, end_time = self.tracking.failures, int(time.time() * 1000)
+        self.experiment.set_terminated(self.run_id, status, end_time=end_time)
+        if self.tracking.failures > before:  # the server did not take it: the training stage keeps it
+            self.unsettled = {"run_id": self.run_id, "status": status, "end_time": end_time}
 
 
 def make_logger(cfg: TrackingConfig, run_name: str, run_id: str | None = None) -> ResilientMLFlowLogger:
