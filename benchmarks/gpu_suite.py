@@ -179,6 +179,10 @@ def main() -> None:
         recipe = load_recipe(mae_recipe, overrides(args, work, batch, mae=True, model_only=True))
         rows.append(("MAE ViT-L/16, model only", batch, run_row(recipe, True, profiles[batch])))
     best = max(rows, key=lambda r: r[2].get("perf/images_per_s", 0))[1]
+    # the guard's cost (one gradient norm, shared with clipping; its flag on the device): the same row without it
+    recipe = load_recipe(mae_recipe, {**overrides(args, work, best, mae=True, model_only=True),
+                                      "trainer.guard.enabled": False})
+    rows.append(("MAE ViT-L/16, model only, guard off", best, run_row(recipe, True, None)))
     recipe = load_recipe(mae_recipe, overrides(args, work, best, mae=True, model_only=False))
     rows.append(("MAE ViT-L/16, through the loader", best, run_row(recipe, False, None)))
     recipe = load_recipe(deit_recipe, overrides(args, work, args.deit_batch, mae=False, model_only=True))

@@ -88,3 +88,18 @@ def test_checkpoints_committed_before_file_records_still_resume(tmp_path):
     (old / MARKER).write_text(marker_text(10))  # the marker as it was written before records were kept
     (old / "config.yaml").unlink()  # nothing to check it against: taken on trust
     assert damage(old) is None and resolve_resume("auto", tmp_path) == old
+
+
+def test_a_mirror_without_checkpoints_falls_back_to_the_newest_sound_local_one(tmp_path, caplog):
+    from pipeline.checkpoint.resume import find_resume
+    from pipeline.checkpoint.store import CheckpointConfig
+
+    root = tmp_path / "ckpt"
+    _make_sharded(root, 10)
+    newest = _make_sharded(root, 20)
+    (newest / "config.yaml").write_text("damaged\n")
+    cfg = CheckpointConfig(dir=str(root), mirror=str(tmp_path / "empty-bucket"))
+    with caplog.at_level(logging.WARNING):
+        point = find_resume("auto", cfg)
+    assert point is not None and point.folder == step_dir(root, 10) and point.fetch is None
+    assert f"checkpoint {newest} is damaged" in caplog.text and "holds no complete checkpoint" in caplog.text

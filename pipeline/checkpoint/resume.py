@@ -10,7 +10,7 @@ import lightning as L
 
 from .mirror import Mirror
 from .shared_fs import folder_owner
-from .store import STEP_DIR, CheckpointConfig, complete_checkpoints, resolve_resume, step_dir
+from .store import STEP_DIR, CheckpointConfig, complete_checkpoints, newest_sound, resolve_resume, step_dir
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,9 @@ def find_resume(resume: str | None, cfg: CheckpointConfig) -> ResumePoint | None
         step = Mirror(cfg.mirror).latest()
         local = complete_checkpoints(root)
         if step is None:
-            if local:
-                log.warning("%s holds no complete checkpoint: resuming from the local %s", cfg.mirror, local[-1][1])
-                return ResumePoint(local[-1][1])
+            if (sound := newest_sound(root)) is not None:
+                log.warning("%s holds no complete checkpoint: resuming from the local %s", cfg.mirror, sound)
+                return ResumePoint(sound)
             return None
         if local and local[-1][0] > step:
             log.warning("local checkpoint %s is newer than the newest mirrored one (step %d) but was not mirrored; "

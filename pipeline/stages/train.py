@@ -101,7 +101,7 @@ def train(recipe: RunRecipe, resume: str | None = "auto", extra_callbacks: Seque
     stage = objective.stage
     plan = plan_run(recipe, resume)
     result = fit(recipe, plan, objective.build(recipe, plan), extra_callbacks)
-    while (rollback := result.rollback) is not None:
+    while (rollback := result.rollback) is not None and not result.preempted:  # a signal wins: stop, as asked
         gc.collect()  # the abandoned trajectory's model and optimizer state, before the checkpoint's are built
         plan = plan_run(recipe, str(rollback.checkpoint))
         result = fit(recipe, plan, objective.build(recipe, plan), [*extra_callbacks, ContinueAt(rollback)],
