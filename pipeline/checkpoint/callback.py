@@ -12,9 +12,9 @@ from typing import Any
 import lightning as L
 
 from ..data.storage import StorageError
+from ..errors import RunStopped
 from .mirror import Mirror, files_of_rank
 from .shared_fs import folder_owner
-from ..errors import RunStopped
 from .store import (STATE, CheckpointConfig, commit, complete_checkpoints, latest_complete, partial_dir, prune,
                     step_dir)
 

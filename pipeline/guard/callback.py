@@ -100,11 +100,10 @@ class StepGuard(L.Callback):
         self._trainer, device, n = trainer, pl_module.device, trainer.log_every_n_steps
         self._opt = innermost_optimizer(trainer.optimizers[0])
         self.found_inf = torch.zeros((), device=self._opt_device(device))  # 1.0: the fused kernel skips
-        if not self.skips:
-            pass  # fp16: the loss scaler sets its own found_inf on the optimizer and skips by it
-        elif self._opt.defaults.get("fused"):
+        # (fp16: the loss scaler sets its own found_inf on the optimizer and skips by it)
+        if self.skips and self._opt.defaults.get("fused"):
             self._opt.found_inf = self.found_inf
-        else:
+        elif self.skips:
             log.warning("trainer.guard: %s is not torch's fused AdamW, so non-finite steps cannot be skipped "
                         "(spikes are still watched)", type(self._opt).__name__)
         self.applied = torch.ones((), device=device)

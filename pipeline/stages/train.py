@@ -24,8 +24,8 @@ from ..checkpoint.store import STATE
 from ..console import report
 from ..data.datamodule import ShardDataModule
 from ..data.storage import apply_storage, probe_write
-from ..guard import ContinueAt, GuardLedger, StepGuard
 from ..distributed import build_strategy, cluster_environment, derive_batch, resolve_layout, world_size
+from ..guard import ContinueAt, GuardLedger, StepGuard
 from ..objectives.registry import objective_of
 from ..objectives.spec import Training
 from ..recipe import RunRecipe
@@ -35,8 +35,8 @@ from ..tracking.callbacks import DataWait, SampleTrace, SystemMetrics
 from ..tracking.final_status import keep as keep_final_status
 from ..tracking.mlflow_setup import tracking_failures
 from ..tracking.progress import progress_callbacks
-from ..tracking.throughput import Throughput
 from ..tracking.secrets import scrub_url
+from ..tracking.throughput import Throughput
 from .run_record import RunRecord, TrainResult
 from .ui import browse_command
 
@@ -188,7 +188,8 @@ def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: S
         strategy=build_strategy(tr.strategy, recipe.zero), plugins=[cluster] if cluster else None,
         precision=tr.precision,
         max_steps=plan.schedule.total_steps, max_epochs=-1, accumulate_grad_batches=plan.accumulate,
-        gradient_clip_val=None if guard is not None and guard.owns_clipping else recipe.optim.grad_clip, logger=logger, callbacks=callbacks,
+        gradient_clip_val=None if guard is not None and guard.owns_clipping else recipe.optim.grad_clip,
+        logger=logger, callbacks=callbacks,
         enable_checkpointing=False, log_every_n_steps=tr.log_every_n_steps, use_distributed_sampler=False,
         num_sanity_val_steps=0, enable_model_summary=False, deterministic=False, enable_progress_bar=bar,
     )
