@@ -85,6 +85,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="store holding a models:/ URI (default: $MLFLOW_TRACKING_URI, else ./mlflow/mlflow.db)")
     v.add_argument("--experiment", help="default: the experiment of the run that trained the model")
 
+    i = sub.add_parser("inspect", help="attention maps and mean attention distance of a ViT encoder")
+    i.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or a folder")
+    i.add_argument("--images", required=True, help="shard split (manifest or its folder) to take images from")
+    i.add_argument("--n", type=int, default=128, help="images to average over (default: 128)")
+    i.add_argument("--image-size", type=int, nargs="+", metavar="S",
+                   help="inspect at S (or H W) pixels, positions resampled (default: the model's own size)")
+    i.add_argument("--out", help="folder for the CSV and figures (default: a temporary one)")
+    i.add_argument("--tracking-uri",
+                   help="store holding a models:/ URI (default: $MLFLOW_TRACKING_URI, else ./mlflow/mlflow.db)")
+    i.add_argument("--experiment", help="default: nested under the model's training run, else vitpipe-inspect")
+
     d = sub.add_parser("demo", help="Fashion-MNIST on CPU: shard, pretrain, register, evaluate, compare",
                        **with_overrides)
     d.add_argument("--workdir", default="vitpipe-demo")
@@ -225,6 +236,17 @@ def _evaluate(args: argparse.Namespace, rest: list[str]) -> None:
     evaluate_model(args.model, cfg, TrackingConfig(uri=args.tracking_uri), args.experiment)
 
 
+def _inspect(args: argparse.Namespace, rest: list[str]) -> None:
+    if args.n < 1:
+        raise ConfigError(f"--n {args.n}: inspect needs at least one image")
+    size = _size(args.image_size)
+    from .stages.inspect import inspect_model
+    from .tracking import TrackingConfig
+
+    inspect_model(args.model, args.images, args.n, size, TrackingConfig(uri=args.tracking_uri), args.out,
+                  args.experiment)
+
+
 def _demo(args: argparse.Namespace, rest: list[str]) -> None:
     from .recipe import parse_overrides
     from .stages.demo import demo
@@ -310,7 +332,8 @@ def _recipes(args: argparse.Namespace, rest: list[str]) -> None:
 # verb -> (its function, whether it takes --section.key VALUE recipe overrides)
 VERBS: dict[str, tuple[Callable[[argparse.Namespace, list[str]], int | None], bool]] = {
     "shard": (_shard, False), "pretrain": (_pretrain, True), "finetune": (_finetune, True),
-    "register": (_register, False), "evaluate": (_evaluate, False), "demo": (_demo, True),
+    "register": (_register, False), "evaluate": (_evaluate, False), "inspect": (_inspect, False),
+    "demo": (_demo, True),
     "export": (_export, False), "import-weights": (_import_weights, False), "submit": (_submit, True),
     "recipes": (_recipes, True), "ui": (_ui, False),
 }

@@ -20,6 +20,29 @@ from .config import ViTConfig
 from .pos_embed import PosEmbed, apply_rope
 
 
+def attention_heads(attn: Attention, x: torch.Tensor, rope: torch.Tensor | None = None,
+                    num_prefix_tokens: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, N, D] -> q, k, v [B, H, N, hd] of timm's Attention ``attn`` (q/k norms applied; with ``rope``, the
+    patch tokens' q and k rotated). What the fused training path and the inspection's explicit one share."""
+    B, N, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # each [B, H, N, hd]
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        p = num_prefix_tokens  # prefix tokens (CLS, ...) carry no position and are not rotated
+        q = torch.cat([q[:, :, :p], apply_rope(q[:, :, p:], rope)], dim=2)
+        k = torch.cat([k[:, :, :p], apply_rope(k[:, :, p:], rope)], dim=2)
+    return q, k, v
+
+
+def attention_output(attn: Attention, heads_out: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, hd] per-head outputs -> [B, N, D]: heads concatenated, normed (timm's optional norm) and
+    projected."""
+    B, _, N, _ = heads_out.shape
+    x = attn.norm(heads_out.transpose(1, 2).reshape(B, N, attn.attn_dim))
+    return attn.proj_drop(attn.proj(x))
+
+
 class RopeAttention(Attention):
     """timm's Attention (same parameters) with 2D rotary embedding applied to the patch tokens."""
 
@@ -27,17 +50,10 @@ class RopeAttention(Attention):
                 rope: torch.Tensor | None = None, num_prefix_tokens: int = 1) -> torch.Tensor:
         if rope is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each [B, H, N, hd]
-        q, k = self.q_norm(q), self.k_norm(k)
-        p = num_prefix_tokens  # prefix tokens (CLS, ...) carry no position and are not rotated
-        q = torch.cat([q[:, :, :p], apply_rope(q[:, :, p:], rope)], dim=2)
-        k = torch.cat([k[:, :, :p], apply_rope(k[:, :, p:], rope)], dim=2)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.attn_drop.p if self.training else 0.0)
-        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
-        return self.proj_drop(self.proj(x))
+        q, k, v = attention_heads(self, x, rope, num_prefix_tokens)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                             dropout_p=self.attn_drop.p if self.training else 0.0)
+        return attention_output(self, out)
 
 
 class ViTBlock(Block):
@@ -138,15 +154,20 @@ class ViTEncoder(nn.Module):
         """imgs [B, C, H, W] -> patch tokens with absolute position added [B, L, D]."""
         return self.pos_embed.add_to_patches(self.patch_embed(imgs))
 
-    def forward_tokens(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, N, D] patch tokens (the kept ones, in ``ids_keep`` order) -> [B, P + N, D] features."""
+    def with_prefix(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [B, N, D] patch tokens (the kept ones, in ``ids_keep`` order) -> (the first block's input
+        [B, P + N, D], the RoPE tables or None)."""
         B = x.shape[0]
         prefix = self.cls_token if self.dist_token is None else torch.cat([self.cls_token, self.dist_token], 1)
         prefix_pos = self.pos_embed.prefix()  # [1, P, D]: one row per prefix token (None for RoPE)
         if prefix_pos is not None:
             prefix = prefix + prefix_pos.to(prefix.dtype)
-        x = torch.cat([prefix.expand(B, -1, -1), x], dim=1)
-        rope = self.pos_embed.rope(ids_keep, B, x.device)
+        return torch.cat([prefix.expand(B, -1, -1), x], dim=1), self.pos_embed.rope(ids_keep, B, x.device)
+
+    def forward_tokens(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, N, D] patch tokens (the kept ones, in ``ids_keep`` order) -> [B, P + N, D] features."""
+        x, rope = self.with_prefix(x, ids_keep)
         x = run_blocks(self.blocks, x, rope, self.num_prefix_tokens, self.grad_checkpointing)
         return self.norm(x)
 

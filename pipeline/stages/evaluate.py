@@ -78,24 +78,30 @@ def evaluate_model(model_uri: str, cfg: EvalConfig, tracking: TrackingConfig,
     return EvalResult(metrics, run_id, ref, transform)
 
 
-def log_evaluation(client: MlflowClient, ref: ModelRef, cfg: EvalConfig, metrics: dict[str, float],
-                   experiment: str | None, extra_params: dict[str, str] | None = None) -> str:
+def open_model_run(client: MlflowClient, ref: ModelRef, task: str, experiment: str | None,
+                   default_experiment: str) -> str:
+    """A new run about model ``ref``: in ``experiment`` if given, else nested under the run that trained the
+    model (in its experiment), else in ``default_experiment``; returns its id."""
     parent = client.get_run(ref.run_id) if ref.run_id else None
     if experiment is not None or parent is None:
-        name = experiment or "vitpipe"
+        name = experiment or default_experiment
         found = client.get_experiment_by_name(name)
         experiment_id = found.experiment_id if found else client.create_experiment(name)
     else:
         experiment_id = parent.info.experiment_id
-    tags = {"vitpipe.task": "evaluate", "vitpipe.model_uri": ref.uri}
+    tags = {"vitpipe.task": task, "vitpipe.model_uri": ref.uri}
     if ref.name:
         tags |= {"vitpipe.model_name": ref.name, "vitpipe.model_version": str(ref.version)}
     if parent is not None:
         tags["vitpipe.trained_by_run"] = parent.info.run_id
         if parent.info.experiment_id == experiment_id:
-            tags["mlflow.parentRunId"] = parent.info.run_id  # nests the evaluation under its training run
-    run = client.create_run(experiment_id, run_name=f"evaluate {ref.name or ref.uri}", tags=tags)
-    rid, now = run.info.run_id, int(time.time() * 1000)
+            tags["mlflow.parentRunId"] = parent.info.run_id  # nests the run under its training run
+    return client.create_run(experiment_id, run_name=f"{task} {ref.name or ref.uri}", tags=tags).info.run_id
+
+
+def log_evaluation(client: MlflowClient, ref: ModelRef, cfg: EvalConfig, metrics: dict[str, float],
+                   experiment: str | None, extra_params: dict[str, str] | None = None) -> str:
+    rid, now = open_model_run(client, ref, "evaluate", experiment, "vitpipe"), int(time.time() * 1000)
     params = [Param(f"eval.{k}", str(v)) for k, v in flatten(scrub(to_dict(cfg))).items()]
     params += [Param(k, v) for k, v in (extra_params or {}).items()]
     client.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()], params=params)

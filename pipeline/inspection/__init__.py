@@ -1,0 +1,1 @@
+"""Looking inside trained models: attention maps, attention rollout and mean attention distance."""
