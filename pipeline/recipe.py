@@ -13,6 +13,7 @@ from .checkpoint.store import CheckpointConfig
 from .config import ConfigError, apply_overrides, build, digest, read_mapping, to_dict
 from .data.config import StorageConfig, StreamConfig
 from .distributed.strategy import ZeroConfig
+from .evaluation.config import MonitorConfig
 from .guard.config import GuardConfig
 from .objectives.registry import DEFAULT_TASK, objective
 from .resources import find_recipe
@@ -94,6 +95,7 @@ class RunRecipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def input_size(self) -> tuple[int, int]:
         value: Any = self

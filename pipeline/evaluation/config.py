@@ -86,3 +86,23 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.train or not self.val:
             raise ValueError("evaluation needs a labelled train split and a held-out val split")
+
+
+@dataclass
+class MonitorConfig:
+    """kNN top-1 and RankMe of the encoder being trained, every N steps (``monitor/*`` in MLflow): whether
+    pretraining is working, before the run ends. Off unless ``every_n_steps`` is set."""
+
+    every_n_steps: int = 0
+    """0: off. Each look costs a forward pass over ``max_train`` + ``max_val`` images on every rank."""
+    train: str = ""
+    """Labelled split of the kNN memory bank (default: the run's data.val split)."""
+    val: str = ""
+    """Labelled split the kNN top-1 is measured on (default: data.val as well, its later samples)."""
+    max_train: int = 1000
+    max_val: int = 500
+    knn: KNNConfig = field(default_factory=KNNConfig)
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps < 0 or self.max_train < 1 or self.max_val < 1:
+            raise ValueError("monitor: every_n_steps must be >= 0, max_train and max_val >= 1")

@@ -6,10 +6,12 @@ objectives is declared in ``pipeline.objectives``.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
 import signal
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from ..checkpoint.store import STATE
 from ..console import report
 from ..data.datamodule import ShardDataModule
 from ..data.storage import apply_storage, probe_write
+from ..evaluation.monitor import PretrainMonitor
 from ..distributed import build_strategy, cluster_environment, derive_batch, resolve_layout, world_size
 from ..guard import ContinueAt, GuardLedger, StepGuard
 from ..objectives.registry import objective_of
@@ -154,6 +157,15 @@ def build_guard(recipe: RunRecipe, saver: CommittedCheckpoint | None, ledger: Gu
                      ledger=ledger)
 
 
+def build_monitor(recipe: RunRecipe) -> PretrainMonitor | None:
+    """kNN top-1 and RankMe every ``monitor.every_n_steps`` (its splits default to the run's data.val)."""
+    cfg = recipe.monitor
+    if not cfg.every_n_steps:
+        return None
+    cfg = dataclasses.replace(cfg, train=cfg.train or recipe.data.val, val=cfg.val or recipe.data.val)
+    return PretrainMonitor(cfg, recipe.input_size(), recipe.normalisation())
+
+
 def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: Sequence[L.Callback] = (),
         ledger: GuardLedger | None = None) -> TrainResult:
     """Build the Trainer for ``recipe`` around the objective's task and run it to its end (or a preemption, or
@@ -176,6 +188,9 @@ def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: S
         callbacks.append(SampleTrace(tr.sample_trace))
     if recipe.tracking.system_metrics_every_n_steps:
         callbacks.append(SystemMetrics(recipe.tracking.system_metrics_every_n_steps))
+    monitor = build_monitor(recipe)
+    if monitor is not None:
+        callbacks.append(monitor)
     callbacks.extend([*training.callbacks, *extra_callbacks])
     shown, bar = progress_callbacks(tr.log_every_n_steps)
     callbacks.extend(shown)
@@ -197,7 +212,9 @@ def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: S
         record.begin(logger, plan.datamodule, dict(training.tags), dict(training.params))
     record.check_resume()
     ckpt_path = str(plan.resume_from / STATE) if plan.resume_from else None
+    started = time.perf_counter()
     trainer.fit(training.task, datamodule=plan.datamodule, ckpt_path=ckpt_path)
+    fit_seconds = time.perf_counter() - started
     result = TrainResult(run_id=logger.run_id if logger else "", tracking_uri=resolve_uri(recipe.tracking),
                          experiment=recipe.tracking.experiment,
                          checkpoint=latest_complete(record.root) if recipe.checkpoint.enabled else None,
@@ -210,6 +227,8 @@ def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: S
     if (waited := data_wait.fraction()) is not None and waited[1] > 0:
         result.summary.add(f"data wait: {waited[0] / waited[1]:.1%} of the training loop's time on this rank "
                            f"({waited[0]:.1f} s of {waited[1]:.1f} s; perf/data_wait_frac per step)")
+    if monitor is not None and (line := monitor.summary(fit_seconds)) is not None:
+        result.summary.add(line)
     if guard is not None and (line := guard.ledger.summary()) is not None:
         result.summary.add(line)
     if result.tracking_failures:

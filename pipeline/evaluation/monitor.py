@@ -1,0 +1,94 @@
+"""Monitors during pretraining: every N steps, the weighted kNN top-1 of the current encoder's CLS features on a
+fixed labelled subset (the ``evaluate`` code) and RankMe, logged as ``monitor/knn_top1`` and
+``monitor/rankme``.
+
+RankMe (Garrido et al., 2023) is exp of the entropy of the normalised singular values of a batch of features:
+an effective rank, high when the features use many directions, and falling when a representation collapses.
+Every rank runs the same forward batches (the subset is the same everywhere), so a sharded model (ZeRO-3)
+gathers its weights in step; rank 0 logs. The subset is fixed, so a resumed run continues the same curve."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+from .config import MonitorConfig
+from .features import EvalTransform, LabelledSplit
+from .knn import knn_accuracy
+
+log = logging.getLogger(__name__)
+
+
+def rankme(features: torch.Tensor, eps: float = 1e-7) -> float:
+    """features [N, D] -> exp(entropy of the singular values normalised to sum 1), in [1, min(N, D)]."""
+    s = torch.linalg.svdvals(features.double())
+    p = s / s.sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+class PretrainMonitor(L.Callback):
+    def __init__(self, cfg: MonitorConfig, image_size: tuple[int, int], normalisation: dict[str, list[float]]):
+        self.cfg = cfg
+        self.transform = EvalTransform(image_size, normalisation["mean"], normalisation["std"], crop_pct=1.0)
+        self._bank: dict[str, torch.Tensor] | None = None
+        self.seconds = 0.0  # spent looking, over this process's run
+
+    def _load(self) -> dict[str, torch.Tensor]:
+        """The fixed subset, read once: images [N, 3, H, W] and labels [N] of the bank and of the queries."""
+        cfg, out = self.cfg, {}
+        same = cfg.train == cfg.val
+        split = LabelledSplit(cfg.train, self.transform, batch_size=256,
+                              limit=cfg.max_train + (cfg.max_val if same else 0))
+        images, labels = zip(*[(b["image"], b["label"]) for b in split if b["image"].numel()])
+        images, labels = torch.cat(images), torch.cat(labels)
+        if same:  # one split: the bank first, the queries after it
+            out = {"bank": images[: cfg.max_train], "bank_labels": labels[: cfg.max_train],
+                   "query": images[cfg.max_train:], "query_labels": labels[cfg.max_train:]}
+        else:
+            q = LabelledSplit(cfg.val, self.transform, batch_size=256, limit=cfg.max_val)
+            qi, ql = zip(*[(b["image"], b["label"]) for b in q if b["image"].numel()])
+            out = {"bank": images, "bank_labels": labels, "query": torch.cat(qi), "query_labels": torch.cat(ql)}
+        if len(out["query"]) == 0:
+            raise ValueError(f"monitor: {cfg.val} has no samples after the first {cfg.max_train} for the queries")
+        return out
+
+    @torch.no_grad()
+    def _features(self, encoder: torch.nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        # forward(), not __call__: the encoder's own weights are reached as training reaches them (under ZeRO-3
+        # its module hooks would release weights that the training forward expects in place)
+        feats = [encoder.forward(images[i:i + 128].to(device))[:, 0].float().cpu()
+                 for i in range(0, len(images), 128)]
+        return torch.cat(feats)  # [N, D] CLS tokens
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int):
+        step = trainer.global_step
+        if step == 0 or step % self.cfg.every_n_steps or getattr(self, "_last", None) == step:
+            return
+        self._last = step
+        encoder = getattr(getattr(pl_module, "model", None), "encoder", None)
+        if encoder is None:
+            return
+        start = time.perf_counter()
+        if self._bank is None:
+            self._bank = self._load()
+        b, was_training = self._bank, encoder.training
+        encoder.eval()
+        bank = self._features(encoder, b["bank"], pl_module.device)
+        query = self._features(encoder, b["query"], pl_module.device)
+        encoder.train(was_training)
+        classes = int(max(b["bank_labels"].max(), b["query_labels"].max())) + 1
+        top1 = knn_accuracy(bank, b["bank_labels"], query, b["query_labels"], classes, self.cfg.knn)
+        metrics = {"monitor/knn_top1": top1, "monitor/rankme": rankme(query)}
+        if trainer.is_global_zero:  # straight to the loggers: a monitor step need not be a logging step
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+        self.seconds += time.perf_counter() - start
+
+    def summary(self, fit_seconds: float) -> str | None:
+        if not self.seconds or fit_seconds <= 0:
+            return None
+        return (f"monitors: {self.seconds:.1f} s, {self.seconds / fit_seconds:.1%} of the training time "
+                f"(kNN top-1 and RankMe every {self.cfg.every_n_steps} steps; monitor/* in MLflow)")

@@ -1,0 +1,54 @@
+"""Monitors during pretraining: RankMe on hand-built features, and kNN / RankMe curves logged by a real run,
+continued by a resumed one."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import PYTHON, REPO, tiny_overrides
+from pipeline.evaluation.monitor import rankme
+
+MONITOR = {"monitor.every_n_steps": 4, "monitor.max_train": 200, "monitor.max_val": 100}
+
+
+def test_rankme_counts_the_directions_features_use():
+    assert rankme(torch.eye(16)) == pytest.approx(16, rel=1e-5)  # 16 equal singular values
+    line = torch.randn(50, 1) @ torch.randn(1, 16)  # rank one
+    assert rankme(line) == pytest.approx(1.0, abs=1e-3)
+    mixed = torch.diag(torch.tensor([4.0, 2.0, 1.0, 1.0]))
+    p = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    assert rankme(mixed) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-5)
+
+
+def _curve(db, name: str) -> dict[int, float]:
+    client = MlflowClient(f"sqlite:///{db}")
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
+
+
+def _run(overrides: dict, env: dict, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, str(REPO / "tests" / "run_pretrain.py"), json.dumps(overrides), *extra],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_monitors_log_knn_and_rankme_and_a_resumed_run_continues_the_curve(fmnist_shards, tmp_path, child_env):
+    plain = tiny_overrides(fmnist_shards, tmp_path / "plain", **{"trainer.max_steps": 12, **MONITOR})
+    out = _run(plain, child_env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "monitors: " in out.stdout and "of the training time" in out.stdout
+    knn, rank = _curve(tmp_path / "plain" / "mlflow.db", "monitor/knn_top1"), \
+        _curve(tmp_path / "plain" / "mlflow.db", "monitor/rankme")
+    assert sorted(knn) == sorted(rank) == [4, 8, 12]
+    assert all(0.0 <= v <= 1.0 for v in knn.values()) and all(1.0 <= v <= 64 for v in rank.values())
+    assert max(knn.values()) > 0.2  # 10 classes: well above chance even for a tiny encoder
+
+    killed = tiny_overrides(fmnist_shards, tmp_path / "killed", **{"trainer.max_steps": 12, **MONITOR})
+    assert _run(killed, child_env, "--kill-in-checkpoint-at", "8").returncode == -9
+    assert _run(killed, child_env).returncode == 0  # resumes from step 4
+    resumed = _curve(tmp_path / "killed" / "mlflow.db", "monitor/knn_top1")
+    assert resumed == pytest.approx(knn, abs=1e-6)
