@@ -96,6 +96,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="store holding a models:/ URI (default: $MLFLOW_TRACKING_URI, else ./mlflow/mlflow.db)")
     i.add_argument("--experiment", help="default: nested under the model's training run, else vitpipe-inspect")
 
+    c = sub.add_parser("compare", help="ViTs and CNNs side by side on this machine: speed and memory")
+    c.add_argument("--models", default="vit_small_patch16_224,vit_base_patch16_224,resnet50,convnext_tiny",
+                   help="comma-separated timm architectures (fresh weights, nothing downloaded)")
+    c.add_argument("--image-size", type=int, default=224)
+    c.add_argument("--batch", type=int, default=8, help="images per step (default: 8; 256 suits a GPU)")
+    c.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up step")
+    c.add_argument("--out", default="vitpipe-compare", help="folder for compare.csv and compare.png")
+
     d = sub.add_parser("demo", help="Fashion-MNIST on CPU: shard, pretrain, register, evaluate, compare",
                        **with_overrides)
     d.add_argument("--workdir", default="vitpipe-demo")
@@ -247,6 +255,15 @@ def _inspect(args: argparse.Namespace, rest: list[str]) -> None:
                   args.experiment)
 
 
+def _compare(args: argparse.Namespace, rest: list[str]) -> None:
+    models = [m for m in args.models.split(",") if m]
+    if not models or args.batch < 1 or args.steps < 1:
+        raise ConfigError("compare needs at least one model, --batch >= 1 and --steps >= 1")
+    from .stages.compare import compare_speed
+
+    compare_speed(models, args.out, args.image_size, args.batch, args.steps)
+
+
 def _demo(args: argparse.Namespace, rest: list[str]) -> None:
     from .recipe import parse_overrides
     from .stages.demo import demo
@@ -333,6 +350,7 @@ def _recipes(args: argparse.Namespace, rest: list[str]) -> None:
 VERBS: dict[str, tuple[Callable[[argparse.Namespace, list[str]], int | None], bool]] = {
     "shard": (_shard, False), "pretrain": (_pretrain, True), "finetune": (_finetune, True),
     "register": (_register, False), "evaluate": (_evaluate, False), "inspect": (_inspect, False),
+    "compare": (_compare, False),
     "demo": (_demo, True),
     "export": (_export, False), "import-weights": (_import_weights, False), "submit": (_submit, True),
     "recipes": (_recipes, True), "ui": (_ui, False),
