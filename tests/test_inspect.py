@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import itertools
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from mlflow import MlflowClient
-
 from conftest import tiny_overrides
+from mlflow import MlflowClient
 from mlflow_server import mlflow_server  # noqa: F401  (fixture)
+
 from pipeline.inspection.attention import attention_rollout, encoder_attention, mean_attention_distance
 from pipeline.models import ViTConfig
 from pipeline.models.vit import ViTEncoder, run_blocks

@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 import torch
+from conftest import PYTHON, REPO, tiny_overrides
 from mlflow import MlflowClient
 
-from conftest import PYTHON, REPO, tiny_overrides
 from pipeline.evaluation.monitor import rankme
 
 MONITOR = {"monitor.every_n_steps": 4, "monitor.max_train": 200, "monitor.max_val": 100}

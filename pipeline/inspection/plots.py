@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,7 +19,7 @@ def _pyplot():
 
 def distance_plot(distances: torch.Tensor, path: Path, title: str, image_px: int) -> Path:
     """distances [layers, heads] in pixels -> a scatter: layer on x, one dot per head, pixels on y."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
     layers, heads = distances.shape
     for h in range(heads):
@@ -41,10 +41,12 @@ def distance_plot(distances: torch.Tensor, path: Path, title: str, image_px: int
 def attention_grid(images: torch.Tensor, heads: torch.Tensor, rollout: torch.Tensor, path: Path) -> Path:
     """images [n, 3, H, W] in [0, 1], heads [n, h, gh, gw] and rollout [n, gh, gw] in [0, 1] -> one row per
     image: the image, the rollout, then the last layer's CLS attention of each head, upsampled and overlaid."""
-    plt = _pyplot()
+    plt = pyplot()
     n, h = heads.shape[:2]
     size = images.shape[-2:]
-    up = lambda m: F.interpolate(m[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]  # noqa: E731
+    def up(maps: torch.Tensor) -> torch.Tensor:  # [n, gh, gw] -> [n, H, W]
+        return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+
     rolled, per_head = up(rollout), [up(heads[:, i]) for i in range(h)]
     cols = 2 + h
     fig, axes = plt.subplots(n, cols, figsize=(1.3 * cols, 1.3 * n), dpi=110, squeeze=False)

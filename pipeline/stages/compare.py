@@ -40,9 +40,9 @@ def compare_speed(models: list[str], out: str | Path, size: int = 224, batch: in
 
 
 def plot(rows: list[dict], path: Path) -> Path:
-    from ..inspection.plots import _pyplot
+    from ..inspection.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), dpi=120)
     for r in rows:
         vit = r["model"].startswith(("vit", "deit"))
