@@ -100,8 +100,9 @@ class StepGuard(L.Callback):
         self._trainer, device, n = trainer, pl_module.device, trainer.log_every_n_steps
         self._opt = innermost_optimizer(trainer.optimizers[0])
         self.found_inf = torch.zeros((), device=self._opt_device(device))  # 1.0: the fused kernel skips
-        # (fp16: the loss scaler sets its own found_inf on the optimizer and skips by it)
-        if self.skips and self._opt.defaults.get("fused"):
+        # (fp16: the loss scaler sets its own found_inf on the optimizer and skips by it.) Each group's flag
+        # decides, not the defaults: a checkpoint of an unfused optimizer restores its groups unfused.
+        if self.skips and all(group.get("fused") for group in self._opt.param_groups):
             self._opt.found_inf = self.found_inf
         elif self.skips:
             log.warning("trainer.guard: %s is not torch's fused AdamW, so non-finite steps cannot be skipped "
