@@ -146,15 +146,14 @@ def test_a_loss_spike_rolls_back_and_too_many_rollbacks_stop_the_run(fmnist_shar
 
 # -- several processes ----------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_zero2_and_zero3_agree_on_every_guard_event(fmnist_shards, tmp_path, child_env):
+def test_ddp_zero2_and_zero3_agree_on_every_guard_event(fmnist_shards, tmp_path, child_env):
     """2 processes: rank 1's batch of step 3 is NaN (every rank skips step 3), steps 9-10 spike (every rank
-    rolls back to step 8). ZeRO-2 and ZeRO-3 log the same events and train on the same samples (ZeRO-2's
-    losses equal DDP's: test_zero); the pretraining monitors (every rank runs their forward passes, as ZeRO-3
-    needs) give the same curve."""
+    rolls back to step 8). DDP, ZeRO-2 and ZeRO-3 log the same events and train on the same samples; the
+    pretraining monitors (every rank runs their forward passes, as ZeRO-3 needs) give the same curve."""
     from test_zero import strategy_overrides, torchrun, traces
 
     events, runs, monitors = {}, {}, {}
-    for name, stage in (("zero2", 2), ("zero3", 3)):
+    for name, stage in (("ddp", None), ("zero2", 2), ("zero3", 3)):
         work = tmp_path / name
         overrides = strategy_overrides(fmnist_shards, work, stage, **GUARD, **{
             "trainer.max_steps": 12, "checkpoint.every_n_steps": 4, "monitor.every_n_steps": 6,
@@ -167,17 +166,19 @@ def test_zero2_and_zero3_agree_on_every_guard_event(fmnist_shards, tmp_path, chi
         client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
         run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
         monitors[name] = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "monitor/rankme")]
-    skipped, rollback = map(json.loads, events["zero2"])
+    skipped, rollback = map(json.loads, events["ddp"])
     assert skipped["event"] == "skipped" and skipped["step"] == 3 and len(skipped["keys"]) == 8
-    assert skipped["keys"] == runs["zero2"][1, 3]["keys"]  # the poisoned rank's samples, named
+    assert skipped["keys"] == runs["ddp"][1, 3]["keys"]  # the poisoned rank's samples, named
     assert rollback["event"] == "rollback" and rollback["steps"] == [9, 10]
     assert rollback["checkpoint"].endswith("step-00000008")
-    assert [step for step, _ in monitors["zero2"]] == [s for s, _ in monitors["zero3"]] == [6, 12]
-    assert [v for _, v in monitors["zero3"]] == pytest.approx([v for _, v in monitors["zero2"]], rel=1e-3)
-    assert [json.loads(e) | {"checkpoint": ""} for e in events["zero3"]] == \
-        [json.loads(e) | {"checkpoint": ""} for e in events["zero2"]]
-    for (rank, step), rec in runs["zero2"].items():  # the last record per (rank, step): the redone steps
-        got = runs["zero3"][rank, step]
-        assert got["keys"] == rec["keys"], (rank, step)
-        if step != 3:
-            assert got["loss"] == pytest.approx(rec["loss"], rel=1e-4, abs=1e-6), (rank, step)
+    assert [step for step, _ in monitors["ddp"]] == [6, 12]
+    for name in ("zero2", "zero3"):
+        assert [s for s, _ in monitors[name]] == [6, 12]
+        assert [v for _, v in monitors[name]] == pytest.approx([v for _, v in monitors["ddp"]], rel=1e-3), name
+        assert [json.loads(e) | {"checkpoint": ""} for e in events[name]] == \
+            [json.loads(e) | {"checkpoint": ""} for e in events["ddp"]], name
+        for (rank, step), rec in runs["ddp"].items():  # the last record per (rank, step): the redone steps
+            got = runs[name][rank, step]
+            assert got["keys"] == rec["keys"], (name, rank, step)
+            if step != 3:
+                assert got["loss"] == pytest.approx(rec["loss"], rel=1e-4, abs=1e-6), (name, rank, step)
