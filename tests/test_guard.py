@@ -140,8 +140,12 @@ def test_a_loss_spike_rolls_back_and_too_many_rollbacks_stop_the_run(fmnist_shar
 
     # a spike that never ends: one rollback allowed, the second verdict stops the run naming what it saw
     recipe = _recipe(fmnist_shards, tmp_path / "b", **{"trainer.max_steps": 30, "trainer.guard.max_rollbacks": 1})
-    with pytest.raises(GuardError, match=r"loss spike .* after 1 rollbacks \(max_rollbacks 1; loss spike"):
+    with pytest.raises(GuardError, match=r"loss spike .* after 1 rollbacks \(max_rollbacks 1; loss spike") as err:
         train(recipe, resume="none", extra_callbacks=[SpikeLoss(step=9, count=1000)])
+    trace = [json.loads(x) for x in (tmp_path / "b" / "trace.jsonl").read_text().splitlines()]
+    last = {r["step"]: r["keys"] for r in trace}  # the second trajectory's records of steps 9 and 10
+    assert "step-00000008" in str(err.value)
+    assert f"the samples of steps [9, 10]: {', '.join((last[9] + last[10])[:16])}, ... (32 in all)" in str(err.value)
 
 
 # -- several processes ----------------------------------------------------------------------------------------
@@ -169,7 +173,7 @@ def test_ddp_zero2_and_zero3_agree_on_every_guard_event(fmnist_shards, tmp_path,
     skipped, rollback = map(json.loads, events["ddp"])
     assert skipped["event"] == "skipped" and skipped["step"] == 3 and len(skipped["keys"]) == 8
     assert skipped["keys"] == runs["ddp"][1, 3]["keys"]  # the poisoned rank's samples, named
-    assert rollback["event"] == "rollback" and rollback["steps"] == [9, 10]
+    assert rollback["event"] == "rollback" and rollback["steps"] == [9, 10] and len(rollback["keys"]) == 32
     assert rollback["checkpoint"].endswith("step-00000008")
     assert [step for step, _ in monitors["ddp"]] == [6, 12]
     for name in ("zero2", "zero3"):

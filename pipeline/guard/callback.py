@@ -90,6 +90,7 @@ class StepGuard(L.Callback):
         self.applied: torch.Tensor | None = None
         self._trainer: L.Trainer | None = None
         self._pending: Verdict | None = None  # found at a checkpoint, acted on at the next logging step
+        self._recent: dict[int, list[str]] = {}  # this rank's sample keys of the last ``window`` steps judged
 
     @property
     def state_key(self) -> str:
@@ -189,8 +190,10 @@ class StepGuard(L.Callback):
                 log.warning("step %d skipped: non-finite loss or gradient on some rank; its samples: %s", s,
                             ", ".join(keys[s]) or "(none)")
                 self._event(trainer, {"event": "skipped", "step": s, "keys": keys[s]})
-        for s in range(self._done + 1, step + 1):
-            self._keys[(s - 1) % n] = []
+        for s in range(self._done + 1, step + 1):  # kept a window longer: a verdict names its steps' samples
+            self._recent[s], self._keys[(s - 1) % n] = self._keys[(s - 1) % n], []
+        for s in [s for s in self._recent if s <= step - self.cfg.window]:
+            del self._recent[s]
         self._done = step
         return verdict
 
@@ -209,6 +212,15 @@ class StepGuard(L.Callback):
             out[s] = [k for keys in (culprits or [keys for _, keys in (rank[s] for rank in every)]) for k in keys]
         return out
 
+    def _verdict_keys(self, trainer: L.Trainer, verdict: Verdict) -> list[str]:
+        """Every rank's sample keys of the verdict's steps (those still remembered)."""
+        mine = [k for s in verdict.steps for k in self._recent.get(s, [])]
+        if trainer.world_size == 1 or not dist.is_initialized():
+            return mine
+        every: list[list[str] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)  # every rank reaches the same verdict: all join
+        return [k for rank in every for k in rank or []]
+
     def _judge(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         verdict = self._pending or self._observe(trainer)
         self._pending = None
@@ -218,7 +230,8 @@ class StepGuard(L.Callback):
             self._roll_back(trainer, verdict)
 
     def _roll_back(self, trainer: L.Trainer, verdict: Verdict) -> None:
-        done = len(self.ledger.rollbacks)
+        done, keys = len(self.ledger.rollbacks), self._verdict_keys(trainer, verdict)
+        shown = ", ".join(keys[:16]) + (f", ... ({len(keys)} in all)" if len(keys) > 16 else "")
         if self.root is None:
             raise GuardError(f"trainer.guard: {verdict.describe()}, and checkpointing is off, so there is no "
                              "checkpoint to roll back to")
@@ -227,7 +240,8 @@ class StepGuard(L.Callback):
         if done >= self.cfg.max_rollbacks:
             raise GuardError(f"trainer.guard: {verdict.describe()} after {done} rollbacks (max_rollbacks "
                              f"{self.cfg.max_rollbacks}; {'; '.join(self.ledger.rollbacks)}); newest sound "
-                             f"checkpoint before it: {target}; skipped steps: {self.ledger.skipped or 'none'}")
+                             f"checkpoint before it: {target}; skipped steps: {self.ledger.skipped or 'none'}; "
+                             f"the samples of steps {list(verdict.steps)}: {shown or 'not known'}")
         if target is None:
             raise GuardError(f"trainer.guard: {verdict.describe()}, and no sound checkpoint under {self.root} "
                              f"precedes step {verdict.first} (checkpoint.every_n_steps / keep_last)")
@@ -240,7 +254,7 @@ class StepGuard(L.Callback):
         self.ledger.rollbacks.append(line)
         log.warning("trainer.guard: %s; data continues after step %d's batch", line, trainer.global_step)
         self._event(trainer, {"event": "rollback", "step": trainer.global_step, "reason": verdict.reason,
-                              "steps": list(verdict.steps), "checkpoint": str(target)})
+                              "steps": list(verdict.steps), "checkpoint": str(target), "keys": keys})
         if self.saver is not None:  # the weights of this trajectory are not saved, nor resumed from
             self.saver.hold(trainer, after=int(STEP_DIR.match(Path(target).name).group(1)))
         trainer.should_stop = True
