@@ -52,3 +52,15 @@ def test_monitors_log_knn_and_rankme_and_a_resumed_run_continues_the_curve(fmnis
     assert _run(killed, child_env).returncode == 0  # resumes from step 4: steps 5-8 and the look at 8 again
     resumed = _curve(tmp_path / "killed" / "mlflow.db", "monitor/knn_top1")
     assert resumed == pytest.approx(knn, abs=1e-6)
+
+
+def test_a_short_split_is_shared_between_bank_and_queries(fmnist_shards):
+    from pipeline.evaluation.config import MonitorConfig
+    from pipeline.evaluation.monitor import PretrainMonitor
+
+    val = str(fmnist_shards / "val")  # 500 samples, fewer than 1,000 + 500
+    monitor = PretrainMonitor(MonitorConfig(every_n_steps=1, train=val, val=val), (16, 16),
+                              {"mean": [0.5] * 3, "std": [0.5] * 3})
+    bank = monitor._load()
+    assert len(bank["bank"]) == 333 and len(bank["query"]) == 167
+    assert bank["bank"].shape[1:] == (3, 16, 16)

@@ -44,9 +44,15 @@ class PretrainMonitor(L.Callback):
                               limit=cfg.max_train + (cfg.max_val if same else 0))
         images, labels = zip(*[(b["image"], b["label"]) for b in split if b["image"].numel()])
         images, labels = torch.cat(images), torch.cat(labels)
-        if same:  # one split: the bank first, the queries after it
-            out = {"bank": images[: cfg.max_train], "bank_labels": labels[: cfg.max_train],
-                   "query": images[cfg.max_train:], "query_labels": labels[cfg.max_train:]}
+        if same:  # one split: the bank first, the queries after it (in proportion when the split is short)
+            cut = cfg.max_train
+            if len(images) < cfg.max_train + cfg.max_val:
+                cut = round(len(images) * cfg.max_train / (cfg.max_train + cfg.max_val))
+                log.warning("monitor: %s holds %d samples, fewer than max_train + max_val (%d): %d for the kNN "
+                            "bank, %d queries", cfg.train, len(images), cfg.max_train + cfg.max_val, cut,
+                            len(images) - cut)
+            out = {"bank": images[:cut], "bank_labels": labels[:cut], "query": images[cut:],
+                   "query_labels": labels[cut:]}
         else:
             q = LabelledSplit(cfg.val, self.transform, batch_size=256, limit=cfg.max_val)
             qi, ql = zip(*[(b["image"], b["label"]) for b in q if b["image"].numel()])
