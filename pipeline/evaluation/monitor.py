@@ -35,15 +35,20 @@ class PretrainMonitor(L.Callback):
         self.transform = EvalTransform(image_size, normalisation["mean"], normalisation["std"], crop_pct=1.0)
         self._bank: dict[str, torch.Tensor] | None = None
         self.seconds = 0.0  # spent looking, over this process's run
+        self._last = -1  # the step looked at last (a step's micro-batches end more than once)
+
+    def _read(self, split: str, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [N, 3, H, W] and labels [N] of the first ``limit`` readable, labelled samples of ``split``."""
+        batches = [b for b in LabelledSplit(split, self.transform, batch_size=256, limit=limit) if b["image"].numel()]
+        if not batches:
+            raise ValueError(f"monitor: {split} has no readable, labelled sample among its first {limit}")
+        return torch.cat([b["image"] for b in batches]), torch.cat([b["label"] for b in batches])
 
     def _load(self) -> dict[str, torch.Tensor]:
         """The fixed subset, read once: images [N, 3, H, W] and labels [N] of the bank and of the queries."""
-        cfg, out = self.cfg, {}
+        cfg = self.cfg
         same = cfg.train == cfg.val
-        split = LabelledSplit(cfg.train, self.transform, batch_size=256,
-                              limit=cfg.max_train + (cfg.max_val if same else 0))
-        images, labels = zip(*[(b["image"], b["label"]) for b in split if b["image"].numel()])
-        images, labels = torch.cat(images), torch.cat(labels)
+        images, labels = self._read(cfg.train, cfg.max_train + (cfg.max_val if same else 0))
         if same:  # one split: the bank first, the queries after it (in proportion when the split is short)
             cut = cfg.max_train
             if len(images) < cfg.max_train + cfg.max_val:
@@ -54,9 +59,8 @@ class PretrainMonitor(L.Callback):
             out = {"bank": images[:cut], "bank_labels": labels[:cut], "query": images[cut:],
                    "query_labels": labels[cut:]}
         else:
-            q = LabelledSplit(cfg.val, self.transform, batch_size=256, limit=cfg.max_val)
-            qi, ql = zip(*[(b["image"], b["label"]) for b in q if b["image"].numel()])
-            out = {"bank": images, "bank_labels": labels, "query": torch.cat(qi), "query_labels": torch.cat(ql)}
+            query, query_labels = self._read(cfg.val, cfg.max_val)
+            out = {"bank": images, "bank_labels": labels, "query": query, "query_labels": query_labels}
         if len(out["query"]) == 0:
             raise ValueError(f"monitor: {cfg.val} has no samples after the first {cfg.max_train} for the queries")
         return out
@@ -71,7 +75,7 @@ class PretrainMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int):
         step = trainer.global_step
-        if step == 0 or step % self.cfg.every_n_steps or getattr(self, "_last", None) == step:
+        if step == 0 or step % self.cfg.every_n_steps or self._last == step:
             return
         self._last = step
         encoder = getattr(getattr(pl_module, "model", None), "encoder", None)

@@ -76,11 +76,12 @@ def inspect_model(model_uri: str, images: str, n: int = 128, image_size: tuple[i
     files = [write_csv(distances, folder / "mean_attention_distance.csv"),
              distance_plot(distances, folder / "mean_attention_distance.png", title, max(cfg.image_size)),
              attention_grid(*shown, folder / "attention_maps.png")]
-    run_id = log_inspection(MlflowClient(uri), ref, distances, files, seen, cfg.image_size, experiment)
+    client = MlflowClient(uri)
+    run_id = log_inspection(client, ref, distances, files, seen, cfg.image_size, experiment)
     first, last = distances[0].mean().item(), distances[-1].mean().item()
-    tag_version(MlflowClient(uri), ref, {"vitpipe.inspect.mean_distance_first_layer": f"{first:.2f}",
-                                         "vitpipe.inspect.mean_distance_last_layer": f"{last:.2f}",
-                                         "vitpipe.inspect.run_id": run_id})
+    tag_version(client, ref, {"vitpipe.inspect.mean_distance_first_layer": f"{first:.2f}",
+                              "vitpipe.inspect.mean_distance_last_layer": f"{last:.2f}",
+                              "vitpipe.inspect.run_id": run_id})
     report.info(f"inspect {model_uri}: mean attention distance {first:.1f} px in layer 1, {last:.1f} px in layer "
                 f"{cfg.depth} (mean over heads, {seen} images); figures in {folder}; MLflow run {run_id} at "
                 f"{scrub_url(uri)}")
