@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping, TypeVar, get_args, get_origin
 
 import yaml
+
+SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 T = TypeVar("T")
 
@@ -164,6 +167,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}", where)
         return value
     if tp is float:
+        if isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # 4e-3: YAML 1.1 reads an exponent without a dot in the mantissa as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}", where)
         return float(value)

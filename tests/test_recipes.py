@@ -389,3 +389,11 @@ def test_square_image_size_may_be_one_number():
     recipe = load_recipe("mae/tiny_fmnist", {"model.encoder.image_size": "28", "model.encoder.patch_size": "7"})
     assert recipe.model.encoder.image_size == (28, 28)
     assert tuple(recipe.data.transform.image_size) == (28, 28)
+
+
+def test_a_number_in_e_notation_without_a_dot_is_a_number():
+    """YAML 1.1 reads 4e-3 as a string; a float field takes it as the number it is, and still refuses words."""
+    assert load_recipe("mae/tiny_fmnist", {"optim.base_lr": "4e-3"}).optim.base_lr == 0.004
+    assert load_recipe("mae/tiny_fmnist", {"optim.weight_decay": "5E-2"}).optim.weight_decay == 0.05
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_recipe("mae/tiny_fmnist", {"optim.base_lr": "4e-3x"})
