@@ -56,14 +56,19 @@ def encoder_config(meta: dict[str, Any], image_size: tuple[int, int] | None = No
                      qkv_bias=meta.get("qkv_bias", True), distill_token=meta.get("distill_token", False))
 
 
-def load_encoder(folder: str | Path, image_size: tuple[int, int] | None = None) -> ViTEncoder:
-    """Rebuild the exported encoder, optionally at another image size (positions are resampled)."""
+def load_encoder(folder: str | Path, image_size: tuple[int, int] | None = None, fresh: bool = False) -> ViTEncoder:
+    """Rebuild the exported encoder, optionally at another image size (positions are resampled).
+
+    fresh: the same architecture with newly initialised weights (drawn from the global RNG), the files' weights
+    left unread: the from-scratch baseline a pretrained encoder is measured against."""
     meta = read_metadata(folder)["encoder"]
     pos = meta["pos_embed"]
     cfg = encoder_config(meta, image_size)
     encoder = ViTEncoder(cfg)
     if not meta.get("final_norm", True):
         encoder.norm = torch.nn.Identity()
+    if fresh:
+        return encoder
     state = load_file(str(Path(folder) / "encoder.safetensors"))
     state["pos_embed._extra_state"] = pos  # the recorded grid drives any resampling
     encoder.load_state_dict(state)

@@ -43,7 +43,8 @@ def classifier(recipe: FinetuneRecipe, ref: ModelRef) -> nn.Module:
     from ..registry import load_model_encoder
 
     m = recipe.model
-    encoder = load_model_encoder(ref, m.image_size)  # positions resampled if the resolution changed
+    # positions resampled if the resolution changed; from scratch: the architecture only, fresh weights
+    encoder = load_model_encoder(ref, m.image_size, fresh=m.from_scratch)
     set_drop_path(encoder, m.drop_path)
     return ViTClassifier(encoder, m.num_classes, m.pool)
 
@@ -57,11 +58,12 @@ def build(recipe: FinetuneRecipe, plan: RunPlan) -> Training:
 
     ref = init_model(recipe)
     params = {}
-    if (change := resolution_change(ref, recipe.model.image_size)) is not None:
+    change = None if recipe.model.from_scratch else resolution_change(ref, recipe.model.image_size)
+    if change is not None:
         if rank_zero_only.rank == 0:
             report.info(f"finetune {ref.uri}: {change}")
         params["model.position_resample"] = str(change)
-    tags = {"vitpipe.init_model": ref.uri}
+    tags = {"vitpipe.init_model": ref.uri, "vitpipe.init": "scratch" if recipe.model.from_scratch else "pretrained"}
     if ref.run_id:
         tags["vitpipe.init_run"] = ref.run_id
     if ref.name:

@@ -170,12 +170,13 @@ def resolution_change(ref: ModelRef, image_size: tuple[int, int] | None) -> Grid
     return grid_change(enc["pos_embed"], grid_of(tuple(image_size), enc["patch_size"]))
 
 
-def load_model_encoder(ref: ModelRef, image_size: tuple[int, int] | None = None) -> ViTEncoder:
-    """The encoder of a resolved model, positions resampled to ``image_size`` when given."""
+def load_model_encoder(ref: ModelRef, image_size: tuple[int, int] | None = None, fresh: bool = False) -> ViTEncoder:
+    """The encoder of a resolved model, positions resampled to ``image_size`` when given; ``fresh``: its
+    architecture with newly initialised weights."""
     if "encoder" not in ref.metadata():
         raise ModelError(f"{ref.uri}: a timm classifier ({ref.metadata()['timm']['arch']}), not a ViT encoder")
     try:
-        return load_encoder(ref.folder, image_size)
+        return load_encoder(ref.folder, image_size, fresh)
     except (RuntimeError, KeyError, TypeError, ValueError, FileNotFoundError) as err:
         raise ModelError(f"{ref.uri}: weights do not match metadata.json: {err}") from None
 

@@ -101,6 +101,9 @@ class FinetuneConfig:
 
     init: str = ""
     """The pretrained encoder: models:/<name>@<alias>, models:/<name>/<version>, or an export folder."""
+    from_scratch: bool = False
+    """Take only the architecture of ``init`` and train it from freshly initialised weights (seeded by the
+    recipe's seed): the baseline that shows what the pretraining bought, at the same recipe and steps."""
     num_classes: int = 1000
     image_size: tuple[int, int] = (224, 224)
     """Fine-tuning resolution; position embeddings are resampled when it differs from pretraining."""
