@@ -71,10 +71,25 @@ def test_deit_with_hard_distillation_from_an_exported_teacher(fmnist_shards, tmp
     enc = ViTEncoder(ViTConfig(size="tiny", embed_dim=32, depth=1, num_heads=4, image_size=(16, 16), patch_size=4))
     teacher = write_classifier_export(tmp_path / "teacher", ViTClassifier(enc, 10, pool="cls"), FMNIST)
     recipe = load_recipe("deit/tiny_fmnist", overrides(fmnist_shards, tmp_path, **{
-        "model.distill.kind": "hard", "model.teacher.model": teacher}))
+        "model.distill.kind": "hard", "model.teacher.model": teacher, "model.eval_limit": 64,
+        "model.encoder.image_size": "[16, 16]"}))  # the teacher's size: no resize
     result = pretrain(recipe, resume="none")
     assert result.global_step == 4
-    assert {"train/loss_distill", "perf/teacher_s"} <= metrics(tmp_path, result.run_id)
+    logged = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result.run_id).data.metrics
+    assert {"train/loss_distill", "perf/teacher_s", "train/teacher_top1", "train/dist_teacher_agreement"} <= set(logged)
+
+    # The diagnosis's teacher top-1 is the teacher's own on those held-out images, computed here without the
+    # student's pipeline (same normalisation and size: the Teacher wrapper must change nothing).
+    from pipeline.evaluation.features import EvalTransform, LabelledSplit, extract
+
+    own = load_classifier(teacher).eval()
+    split = LabelledSplit(str(fmnist_shards / "val"), EvalTransform((16, 16), FMNIST["mean"], FMNIST["std"], 1.0),
+                          batch_size=32, limit=64)
+    direct = extract(own, split)
+    assert logged["val/teacher_top1"] == pytest.approx((direct.feats.argmax(1) == direct.labels).float().mean().item())
+    for key in ("val/top1_cls_head", "val/top1_dist_head", "val/dist_head_teacher_agreement",
+                "val/cls_head_teacher_agreement"):
+        assert 0.0 <= logged[key] <= 1.0, key
     state = torch.load(result.checkpoint / "state.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert state and all(k.startswith("model.") for k in state)  # the teacher is not saved with the student
     assert "model.encoder.dist_token" in state and "model.head_dist.weight" in state

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..recipe import RunRecipe
 from ..tasks.config import DeiTConfig, OptimConfig, supervised_optim
-from .hooks import classifier_after_training, encoder_features, held_out_top1
+from .hooks import classifier_after_training, encoder_features, held_out_outputs, held_out_top1
 from .spec import Objective, Training
 
 if TYPE_CHECKING:
@@ -66,12 +66,19 @@ def write_export(out: Path, model: nn.Module, recipe: DeiTRecipe, meta: dict[str
 
 
 def after_training(objective: Objective, recipe: DeiTRecipe, result: TrainResult) -> None:
-    """Held-out top-1 (and registration) of the trained weights, then of their moving average when kept."""
+    """Held-out top-1 (and registration) of the trained weights, with a teacher what the distillation did (see
+    ``distillation_diagnosis``), then the top-1 of the weights' moving average when kept."""
+    from mlflow import MlflowClient
+
     trained = classifier_after_training(objective, recipe, result)
     m = recipe.model
+    if trained is not None and m.distill.kind != "none":
+        diagnosis, client = distillation_diagnosis(trained, recipe), MlflowClient(result.tracking_uri)
+        for key, value in diagnosis.items():
+            client.log_metric(result.run_id, key, value, step=result.global_step)
+        result.summary.add("deit: held-out " + ", ".join(f"{k[4:]} {v:.4f}" for k, v in diagnosis.items()))
     if trained is None or not m.ema_decay:
         return
-    from mlflow import MlflowClient
 
     from ..checkpoint.state import read_callback_state
     from ..checkpoint.store import STATE
@@ -84,6 +91,35 @@ def after_training(objective: Objective, recipe: DeiTRecipe, result: TrainResult
     top1, n = held_out_top1(trained, recipe, m.eval_crop_pct, m.eval_limit)
     MlflowClient(result.tracking_uri).log_metric(result.run_id, "val/top1_ema", top1, step=result.global_step)
     result.summary.add(f"deit: held-out top-1 of the weight average (decay {m.ema_decay}) {top1:.4f} on {n} samples")
+
+
+def distillation_diagnosis(student: nn.Module, recipe: DeiTRecipe) -> dict[str, float]:
+    """On the held-out images, exactly as the student's pipeline hands them to the teacher (the student's eval
+    transform, re-normalised and resized by ``Teacher``): the teacher's top-1, each student head's top-1, and
+    how often each head's class agrees with the teacher's. A teacher that loses accuracy through this path, or
+    a distillation head that does not follow it, is what keeps distillation from helping."""
+    import torch
+
+    from ..registry.teacher import load_teacher
+    from ..tracking import resolve_uri
+
+    m = recipe.model
+    teacher = load_teacher(m.teacher, resolve_uri(recipe.tracking), recipe.normalisation())
+    device = next(student.parameters()).device
+    teacher.to(device)
+    student.eval()
+
+    def heads(imgs: torch.Tensor) -> torch.Tensor:  # [b, 3, K]: CLS head, distillation head, teacher
+        imgs = imgs.to(device)
+        cls, dist = student.both_logits(imgs)
+        return torch.stack([cls, dist, teacher(imgs).to(cls.dtype)], dim=1)
+
+    out = held_out_outputs(heads, recipe, m.eval_crop_pct, m.eval_limit)
+    cls, dist, taught = out.feats.argmax(-1).unbind(1)  # each [N]
+    rates = {"teacher_top1": taught == out.labels, "top1_cls_head": cls == out.labels,
+             "top1_dist_head": dist == out.labels, "dist_head_teacher_agreement": dist == taught,
+             "cls_head_teacher_agreement": cls == taught}
+    return {f"val/{name}": hit.float().mean().item() for name, hit in rates.items()}
 
 
 OBJECTIVE = Objective("deit", DeiTRecipe, "DeiT: a ViT student with a distillation token, with or without a teacher",

@@ -8,9 +8,13 @@ from .spec import Embedding, Objective
 from .trained import export_trained, exports_dir, trained_model
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
     from torch import nn
 
     from ..evaluation.config import EvalConfig
+    from ..evaluation.features import Features
     from ..recipe import RunRecipe
     from ..registry.models import ModelRef
     from ..stages.run_record import TrainResult
@@ -59,17 +63,23 @@ def register_after_training(objective: Objective, recipe: RunRecipe, result: Tra
     register_final(objective, recipe, result)
 
 
-def held_out_top1(model: nn.Module, recipe: RunRecipe, crop_pct: float, limit: int | None) -> tuple[float, int]:
-    """Top-1 of ``model`` on the first ``limit`` samples of ``data.val`` (centre crop of ``crop_pct``, no
-    augmentation)."""
+def held_out_outputs(fn: Callable[[torch.Tensor], torch.Tensor], recipe: RunRecipe, crop_pct: float,
+                     limit: int | None) -> Features:
+    """``fn`` (images [b, 3, H, W] on its device -> [b, ...]) over the first ``limit`` samples of ``data.val``
+    (centre crop of ``crop_pct``, no augmentation), without autograd; outputs [N, ...] with their labels [N]."""
     from ..evaluation.features import EvalTransform, LabelledSplit, extract  # (extract runs without autograd)
 
     t = recipe.data.transform
     transform = EvalTransform(recipe.input_size(), t.mean, t.std, crop_pct)
-    split = LabelledSplit(recipe.data.val, transform, batch_size=256, limit=limit)
+    return extract(fn, LabelledSplit(recipe.data.val, transform, batch_size=256, limit=limit))
+
+
+def held_out_top1(model: nn.Module, recipe: RunRecipe, crop_pct: float, limit: int | None) -> tuple[float, int]:
+    """Top-1 of ``model`` on the first ``limit`` samples of ``data.val`` (centre crop of ``crop_pct``, no
+    augmentation)."""
     device = next(model.parameters()).device
     model.eval()
-    out = extract(lambda x: model(x.to(device)), split)  # logits [N, C] with their labels
+    out = held_out_outputs(lambda x: model(x.to(device)), recipe, crop_pct, limit)  # logits [N, C]
     return (out.feats.argmax(-1) == out.labels).float().mean().item(), len(out.labels)
 
 

@@ -44,6 +44,14 @@ class DeiTTask(SupervisedTask):
         parts = distillation_loss(cls, dist, target, teacher_logits, self.cfg.distill, self.label_smoothing)
         self.log("train/loss_label", parts["label"], batch_size=imgs.shape[0])
         self.log("train/loss_distill", parts["distill"], batch_size=imgs.shape[0])
+        if teacher_logits is not None:  # what the distillation head is taught, and how closely it follows
+            taught = teacher_logits.argmax(-1)
+            self.log("train/dist_teacher_agreement", (dist.argmax(-1) == taught).float().mean(),
+                     batch_size=imgs.shape[0])
+            # the teacher's top-1 on the very images the student trains on, against the label (of a mixed image:
+            # its dominant class, the one with the larger share)
+            label = target if target.dim() == 1 else target.argmax(-1)
+            self.log("train/teacher_top1", (taught == label).float().mean(), batch_size=imgs.shape[0])
         if target.dim() == 1:
             self.log("train/top1", ((cls + dist).argmax(-1) == target).float().mean(), batch_size=imgs.shape[0])
         self.record_loss(parts["loss"], imgs.shape[0])
