@@ -209,7 +209,9 @@ def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: S
         num_sanity_val_steps=0, enable_model_summary=False, deterministic=False, enable_progress_bar=bar,
     )
     if trainer.is_global_zero:
-        record.begin(logger, plan.datamodule, dict(training.tags), dict(training.params))
+        size = sum(p.numel() for p in training.task.model.parameters())  # before any strategy partitions them
+        record.begin(logger, plan.datamodule, dict(training.tags), {"model.parameters": str(size),
+                                                                    **training.params})
     record.check_resume()
     ckpt_path = str(plan.resume_from / STATE) if plan.resume_from else None
     started = time.perf_counter()
