@@ -103,14 +103,22 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=int, default=8, help="images per step (default: 8; 256 suits a GPU)")
     c.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up step")
     c.add_argument("--out", default="vitpipe-compare", help="folder for compare.csv and compare.png")
+    c.add_argument("--fashion-mnist", action="store_true",
+                   help="instead: top-1 at an equal supervised budget on Fashion-MNIST (resnet10t, a tiny ViT from "
+                        "scratch, the same ViT fine-tuned from MAE, a DeiT student of the CNN), trained in --out")
+    c.add_argument("--train-steps", type=int, default=600, help="--fashion-mnist: supervised steps of every row")
+    c.add_argument("--mae-steps", type=int, default=600, help="--fashion-mnist: MAE pretraining steps")
+    c.add_argument("--eval-limit", type=int, help="--fashion-mnist: held-out images (default: all 10,000)")
+    c.add_argument("--shards", help="--fashion-mnist: folder with train/ and val/ shards (default: sharded into --out)")
 
     d = sub.add_parser("demo", help="Fashion-MNIST on CPU: shard, pretrain, register, evaluate, compare",
                        **with_overrides)
     d.add_argument("--workdir", default="vitpipe-demo")
     d.add_argument("--steps", type=int, default=None)
     d.add_argument("--resume", default="auto")
-    d.add_argument("--eval-train", type=int, default=10_000, help="train images for kNN / linear probe")
-    d.add_argument("--eval-val", type=int, default=2_000, help="held-out images they are measured on")
+    d.add_argument("--eval-train", type=int, help="train images for kNN / linear probe (default 5,000)")
+    d.add_argument("--eval-val", type=int, help="held-out images every figure is measured on (default 2,000)")
+    d.add_argument("--finetune-steps", type=int, help="steps of each of the two fine-tunes (default 150)")
 
     e = sub.add_parser("export", help="checkpoint -> encoder/MAE safetensors + metadata.json")
     e.add_argument("--checkpoint", required=True, help="a step-N folder, or a checkpoint dir (newest complete)")
@@ -256,6 +264,13 @@ def _inspect(args: argparse.Namespace, rest: list[str]) -> None:
 
 
 def _compare(args: argparse.Namespace, rest: list[str]) -> None:
+    if args.fashion_mnist:
+        if min(args.train_steps, args.mae_steps) < 1:
+            raise ConfigError("compare --fashion-mnist needs --train-steps >= 1 and --mae-steps >= 1")
+        from .stages.compare_accuracy import compare_accuracy
+
+        compare_accuracy(args.out, args.train_steps, args.mae_steps, args.eval_limit, args.shards)
+        return
     models = [m for m in args.models.split(",") if m]
     if not models or args.batch < 1 or args.steps < 1:
         raise ConfigError("compare needs at least one model, --batch >= 1 and --steps >= 1")
@@ -268,8 +283,8 @@ def _demo(args: argparse.Namespace, rest: list[str]) -> None:
     from .recipe import parse_overrides
     from .stages.demo import demo
 
-    demo(args.workdir, args.steps, parse_overrides(rest), resume=args.resume, eval_train=args.eval_train,
-         eval_val=args.eval_val)
+    demo(args.workdir, args.steps, parse_overrides(rest), resume=args.resume,
+         **_given(eval_train=args.eval_train, eval_val=args.eval_val, finetune_steps=args.finetune_steps))
 
 
 def _export(args: argparse.Namespace, rest: list[str]) -> None:
