@@ -17,21 +17,23 @@ def pyplot():
     return plt
 
 
-def distance_plot(distances: torch.Tensor, path: Path, title: str, image_px: int) -> Path:
-    """distances [layers, heads] in pixels -> a scatter: layer on x, one dot per head, pixels on y."""
+def distance_plot(panels: dict[str, torch.Tensor], path: Path, image_px: int) -> Path:
+    """{title: distances [layers, heads] in pixels} -> one scatter per title, side by side on one pixel scale
+    (e.g. a pretrained encoder beside its random init): layer on x, one dot per head, pixels on y."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    layers, heads = distances.shape
-    for h in range(heads):
-        ax.scatter(range(1, layers + 1), distances[:, h].tolist(), s=14,
-                   label=f"head {h + 1}" if heads <= 16 else None)
-    ax.set_xticks(range(1, layers + 1))
-    ax.set_xlabel("network depth (layer)")
-    ax.set_ylabel("mean attention distance (pixels)")
-    ax.set_ylim(0, image_px)
-    ax.set_title(title, fontsize=9)
-    if heads <= 16:
-        ax.legend(fontsize=6, ncol=2, loc="lower right")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=120, squeeze=False)
+    for ax, (title, distances) in zip(axes[0], panels.items()):
+        layers, heads = distances.shape
+        for h in range(heads):
+            ax.scatter(range(1, layers + 1), distances[:, h].tolist(), s=14,
+                       label=f"head {h + 1}" if heads <= 16 else None)
+        ax.set_xticks(range(1, layers + 1))
+        ax.set_xlabel("network depth (layer)")
+        ax.set_ylabel("mean attention distance (pixels)")
+        ax.set_ylim(0, image_px)
+        ax.set_title(title, fontsize=9)
+        if heads <= 16:
+            ax.legend(fontsize=6, ncol=2, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

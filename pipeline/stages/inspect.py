@@ -18,6 +18,7 @@ from ..console import report
 from ..evaluation.features import EvalTransform, LabelledSplit
 from ..inspection.attention import attention_rollout, cls_maps, encoder_attention, mean_attention_distance
 from ..inspection.plots import attention_grid, distance_plot
+from ..models import ViTEncoder
 from ..registry import ModelRef, load_model_encoder, resolve_model, tag_version
 from ..tracking import TrackingConfig, resolve_uri
 from ..tracking.secrets import scrub_url
@@ -48,9 +49,46 @@ def inspect_model(model_uri: str, images: str, n: int = 128, image_size: tuple[i
     ref = resolve_model(model_uri, require_store(uri) if registered else uri)
     encoder = load_model_encoder(ref, image_size).eval()  # a timm CNN: ModelError, it has no ViT attention
     cfg = encoder.cfg
-    norm = ref.metadata()["normalisation"]
-    split = LabelledSplit(images, EvalTransform(cfg.image_size, norm["mean"], norm["std"]), batch_size=32, limit=n)
-    mean, std = torch.tensor(norm["mean"]).view(3, 1, 1), torch.tensor(norm["std"]).view(3, 1, 1)
+    att = measure_attention(encoder, images, ref.metadata()["normalisation"], n)
+    distances = att.distances
+    folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="vitpipe-inspect-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    name = ref.name and f"{ref.name} v{ref.version}" or Path(ref.uri).name
+    title = f"{name}: mean attention distance, {att.images} images at {cfg.image_size[0]}x{cfg.image_size[1]} px"
+    files = [write_csv(distances, folder / "mean_attention_distance.csv"),
+             distance_plot({title: distances}, folder / "mean_attention_distance.png", max(cfg.image_size)),
+             attention_grid(*att.shown, folder / "attention_maps.png")]
+    client = MlflowClient(uri)
+    run_id = log_inspection(client, ref, distances, files, att.images, cfg.image_size, experiment)
+    first, last = distances[0].mean().item(), distances[-1].mean().item()
+    tag_version(client, ref, {"vitpipe.inspect.mean_distance_first_layer": f"{first:.2f}",
+                              "vitpipe.inspect.mean_distance_last_layer": f"{last:.2f}",
+                              "vitpipe.inspect.run_id": run_id})
+    report.info(f"inspect {model_uri}: mean attention distance {first:.1f} px in layer 1, {last:.1f} px in layer "
+                f"{cfg.depth} (mean over heads, {att.images} images); figures in {folder}; MLflow run {run_id} at "
+                f"{scrub_url(uri)}")
+    return InspectResult(distances, run_id, files, att.images)
+
+
+@dataclass
+class AttentionSeen:
+    distances: torch.Tensor
+    """[layers, heads] mean attention distance in pixels, averaged over the images."""
+    shown: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    """The first images [k, 3, H, W] in [0, 1], their last-layer CLS maps [k, heads, gh, gw] and rollout
+    [k, gh, gw]: what the attention grid draws."""
+    images: int
+
+
+def measure_attention(encoder: ViTEncoder, images: str, normalisation: dict[str, list[float]], n: int = 128,
+                      ) -> AttentionSeen:
+    """The attention analyses of ``encoder`` (in eval mode) on the first ``n`` readable images of the shard split
+    ``images``, preprocessed with ``normalisation`` at the encoder's image size."""
+    cfg = encoder.cfg
+    split = LabelledSplit(images, EvalTransform(cfg.image_size, normalisation["mean"], normalisation["std"]),
+                          batch_size=32, limit=n)
+    mean = torch.tensor(normalisation["mean"]).view(3, 1, 1)
+    std = torch.tensor(normalisation["std"]).view(3, 1, 1)
     sums = torch.zeros(cfg.depth, cfg.num_heads, dtype=torch.float64)
     seen, shown = 0, None
     for batch in split:
@@ -68,24 +106,7 @@ def inspect_model(model_uri: str, images: str, n: int = 128, image_size: tuple[i
         seen += imgs.shape[0]
     if seen == 0:
         raise ValueError(f"{images}: no readable image among its first {n} samples")
-    distances = sums / seen  # [layers, heads]
-    folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="vitpipe-inspect-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    name = ref.name and f"{ref.name} v{ref.version}" or Path(ref.uri).name
-    title = f"{name}: mean attention distance, {seen} images at {cfg.image_size[0]}x{cfg.image_size[1]} px"
-    files = [write_csv(distances, folder / "mean_attention_distance.csv"),
-             distance_plot(distances, folder / "mean_attention_distance.png", title, max(cfg.image_size)),
-             attention_grid(*shown, folder / "attention_maps.png")]
-    client = MlflowClient(uri)
-    run_id = log_inspection(client, ref, distances, files, seen, cfg.image_size, experiment)
-    first, last = distances[0].mean().item(), distances[-1].mean().item()
-    tag_version(client, ref, {"vitpipe.inspect.mean_distance_first_layer": f"{first:.2f}",
-                              "vitpipe.inspect.mean_distance_last_layer": f"{last:.2f}",
-                              "vitpipe.inspect.run_id": run_id})
-    report.info(f"inspect {model_uri}: mean attention distance {first:.1f} px in layer 1, {last:.1f} px in layer "
-                f"{cfg.depth} (mean over heads, {seen} images); figures in {folder}; MLflow run {run_id} at "
-                f"{scrub_url(uri)}")
-    return InspectResult(distances, run_id, files, seen)
+    return AttentionSeen(sums / seen, shown, seen)
 
 
 def write_csv(distances: torch.Tensor, path: Path) -> Path:
