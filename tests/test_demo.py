@@ -6,15 +6,15 @@ import json
 import subprocess
 
 import pytest
-
 from conftest import PYTHON
+from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
 
 
 def test_demo_shards_trains_and_reports_mlflow_run(tmp_path, child_env):
     out = subprocess.run([PYTHON, "-m", "pipeline.cli", "demo", "--workdir", str(tmp_path / "demo"), "--steps", "3",
-                          "--eval-train", "300", "--eval-val", "100"],
+                          "--eval-train", "300", "--eval-val", "100", "--finetune-steps", "2"],
                          env=child_env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     work = tmp_path / "demo"
@@ -30,6 +30,22 @@ def test_demo_shards_trains_and_reports_mlflow_run(tmp_path, child_env):
     for row in ("| MAE-pretrained encoder |", "| same encoder, random init |", "| raw pixels |"):
         assert row in table
     assert "300 train / 100 held-out images" in out.stdout
+    # what pretraining bought: the pretrained encoder and its architecture from random init, fine-tuned alike
+    tuned = out.stdout[out.stdout.index("| encoder | fine-tuned top-1 |"):]
+    for row in ("| MAE-pretrained encoder |", "| same architecture, random init |"):
+        assert row in tuned
+    assert "2 steps of 64 images" in out.stdout and "same 100 held-out images" in out.stdout
+    for kind in ("pretrained", "scratch"):
+        assert (work / f"finetune-{kind}" / "step-00000002" / "COMPLETE").is_file()
+    assert "Mean attention distance (mean over heads): MAE-pretrained" in out.stdout
+    client = MlflowClient(f"sqlite:///{work / 'mlflow' / 'mlflow.db'}")
+    evaluation = client.search_runs(client.get_experiment_by_name("vitpipe-demo").experiment_id,
+                                    "tags.`vitpipe.task` = 'evaluate'")[0]
+    logged = {a.path for a in client.list_artifacts(evaluation.info.run_id)}
+    assert {"demo_comparison.md", "mean_attention_distance_vs_random_init.png"} <= logged
+    scratch = client.search_runs(client.get_experiment_by_name("vitpipe-demo").experiment_id,
+                                 "tags.`vitpipe.init` = 'scratch'")[0]
+    assert scratch.data.params["model.from_scratch"] == "True" and "val/top1" in scratch.data.metrics
 
     # The demo ends with the next commands; they work as printed in a fresh shell, from another folder,
     # without the virtual environment on PATH (only the UI's port is added: 5000 may be taken here).
