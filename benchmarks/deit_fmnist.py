@@ -1,11 +1,22 @@
-"""DeiT distillation on Fashion-MNIST, CPU: a CNN teacher trained and registered by the pipeline, then the same
-tiny DeiT student trained for the same steps without a teacher and with hard (and soft) distillation from it.
+"""DeiT distillation on Fashion-MNIST, CPU: why does a tiny DeiT student not gain from a CNN teacher?
 
-Every stage is a `vitpipe` command (printed before it runs) in one work folder with its own MLflow store;
-the table gives each model's held-out top-1 on the 10,000 test images (logged as ``val/top1`` by the stage),
-its wall time, and for the students the mean teacher forward time per step (``perf/teacher_s``).
+A resnet10t teacher is trained and registered by the pipeline (or an existing one is named with --teacher),
+then the same tiny DeiT student is trained for the same steps without a teacher and with hard distillation
+from it, under each named setting:
 
-    python benchmarks/deit_fmnist.py --steps 300 --teacher-steps 600 [--work /tmp/deit-fmnist] [--soft]
+- ``plain``: the recipe as it is (mixup / cutmix on half the batches; the teacher sees the mixed images);
+- ``no-mixup``: no mixup or cutmix, so the teacher's targets are those of clean images;
+- ``alpha-0.9``: the distillation term weighted 0.9 instead of 0.5;
+- ``soft``: soft distillation (tau 3) instead of hard.
+
+Every stage is a ``vitpipe`` command (printed before it runs). The table gives each student's held-out top-1
+on the 10,000 test images, the teacher's top-1 on those images as the student's pipeline hands them to it
+(``val/teacher_top1``), how often the distillation head agrees with the teacher (held out and, averaged over
+training, on the training images), and the wall time.
+
+    python benchmarks/deit_fmnist.py --steps 600 --teacher-steps 600 --settings plain,no-mixup [--work DIR]
+    python benchmarks/deit_fmnist.py --teacher models:/vitpipe-compare-cnn@teacher \\
+        --tracking-uri sqlite:///vitpipe-compare/mlflow/mlflow.db   # the teacher `vitpipe compare` trained
 """
 from __future__ import annotations
 
@@ -18,60 +29,87 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-TEACHER = "models:/vitpipe-demo-cnn@teacher"
+SETTINGS = {
+    "plain": [],
+    "no-mixup": ["--model.mixup.mixup_alpha=0", "--model.mixup.cutmix_alpha=0"],
+    "alpha-0.9": ["--model.distill.alpha=0.9"],
+    "soft": ["--model.distill.kind=soft", "--model.distill.tau=3.0"],
+}
+# Settings whose control (the student without a teacher) is another setting's: only the distillation changed
+CONTROL = {"alpha-0.9": "plain", "soft": "plain"}
+# The augmentation `vitpipe compare --fashion-mnist` gives every row (the teacher included)
+MIXUP = ["--model.mixup.mixup_alpha=0.8", "--model.mixup.cutmix_alpha=1.0", "--model.mixup.prob=0.5",
+         "--model.mixup.switch_prob=0.5"]
 
 
 def vitpipe(args: list[str], cwd: Path) -> float:
     cmd = [sys.executable, "-m", "pipeline.cli", *args]
     print("$ vitpipe " + " ".join(shlex.quote(a) for a in args), flush=True)
     start = time.perf_counter()
-    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
     if out.returncode:
         sys.exit(f"failed:\n{out.stderr[-4000:]}")
-    print("  " + "\n  ".join(line for line in out.stdout.splitlines() if "top-1" in line or "registered" in line))
     return time.perf_counter() - start
 
 
-def last_run(client: MlflowClient, tag: str, value: str) -> tuple[float, float | None]:
-    """(val/top1, mean perf/teacher_s) of the newest run whose tag ``tag`` equals ``value``."""
-    exp = client.get_experiment_by_name("vitpipe-demo")
-    run = client.search_runs([exp.experiment_id], f"tags.`{tag}` = '{value}'", order_by=["start_time DESC"])[0]
-    teacher = client.get_metric_history(run.info.run_id, "perf/teacher_s")
-    return run.data.metrics["val/top1"], (sum(m.value for m in teacher) / len(teacher) if teacher else None)
+def student_row(client: MlflowClient, experiment: str, tag: str) -> dict[str, float | None]:
+    """What the newest student run named ``deit <tag>`` measured."""
+    exp = client.get_experiment_by_name(experiment)
+    run = client.search_runs([exp.experiment_id], f"attributes.run_name = 'deit {tag}'",
+                             order_by=["start_time DESC"])[0]
+    m = run.data.metrics
+    agreement = client.get_metric_history(run.info.run_id, "train/dist_teacher_agreement")
+    return {"top1": m["val/top1"], "teacher_via_student": m.get("val/teacher_top1"),
+            "agree_val": m.get("val/dist_head_teacher_agreement"),
+            "agree_train": sum(a.value for a in agreement) / len(agreement) if agreement else None,
+            "dist_head": m.get("val/top1_dist_head"), "cls_head": m.get("val/top1_cls_head")}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps of each student")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps of each student")
     p.add_argument("--teacher-steps", type=int, default=600, help="optimizer steps of the CNN teacher")
+    p.add_argument("--teacher", help="an existing teacher (models:/name@alias) instead of training one")
+    p.add_argument("--tracking-uri", help="the store that holds --teacher (default: one in --work)")
+    p.add_argument("--settings", default="plain,no-mixup", help=f"comma-separated, of {', '.join(SETTINGS)}")
     p.add_argument("--work", default="/tmp/deit-fmnist")
-    p.add_argument("--soft", action="store_true", help="also distil with soft targets (tau 3, alpha 0.5)")
     args = p.parse_args()
-    work = Path(args.work)
+    settings = [s for s in args.settings.split(",") if s]
+    if unknown := set(settings) - set(SETTINGS):
+        sys.exit(f"unknown settings {sorted(unknown)}; known: {', '.join(SETTINGS)}")
+    work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    shards = work / "vitpipe-demo" / "shards" / "fmnist"
+    shards = work / "shards" / "fmnist"
     if not (shards / "val" / "manifest.json").exists():
         vitpipe(["shard", "--fashion-mnist", "--out", str(shards)], work)
-    steps = [f"--trainer.max_steps={args.steps}"]
-    rows = []
-    t = vitpipe(["pretrain", "--config", "classify/resnet_fmnist", f"--trainer.max_steps={args.teacher_steps}",
-                 "--resume", "none"], work)
-    client = MlflowClient(f"sqlite:///{work / 'mlflow' / 'mlflow.db'}")
-    rows.append(("teacher: resnet10t (classify/resnet_fmnist)", *last_run(client, "vitpipe.arch", "resnet10t"), t))
-    students = [("none", []), ("hard", ["--model.distill.kind=hard", f"--model.teacher.model={TEACHER}"])]
-    if args.soft:
-        students.append(("soft", ["--model.distill.kind=soft", "--model.distill.tau=3.0",
-                                  f"--model.teacher.model={TEACHER}"]))
-    for kind, extra in students:
-        t = vitpipe(["pretrain", "--config", "deit/tiny_fmnist", *steps, *extra, "--resume", "none",
-                     f"--checkpoint.dir=vitpipe-demo/deit-{kind}"], work)
-        rows.append((f"student: tiny DeiT, distillation {kind}", *last_run(client, "vitpipe.distill", kind), t))
-    print(f"\nFashion-MNIST, students {args.steps} steps and teacher {args.teacher_steps} steps of 128 images, "
+    uri = args.tracking_uri or f"sqlite:///{work / 'mlflow.db'}"
+    common = [f"--data.train={shards / 'train'}", f"--data.val={shards / 'val'}", f"--tracking.uri={uri}",
+              "--tracking.experiment=vitpipe-deit-bench", "--resume=none", *MIXUP]
+    teacher, teacher_wall = args.teacher, None
+    if teacher is None:
+        teacher = "models:/vitpipe-bench-cnn@teacher"
+        teacher_wall = vitpipe(["pretrain", "--config", "classify/resnet_fmnist", *common,
+                                f"--trainer.max_steps={args.teacher_steps}", "--register.name=vitpipe-bench-cnn",
+                                f"--checkpoint.dir={work / 'teacher'}"], work)
+    client = MlflowClient(uri)
+    rows, walls = {}, {}
+    for setting in settings:
+        kinds = ["hard"] if setting in CONTROL else ["none", "hard"]
+        for kind in kinds:
+            tag = f"{setting}/{kind}"
+            extra = [] if kind == "none" else [f"--model.teacher.model={teacher}", "--model.distill.kind=hard"]
+            walls[tag] = vitpipe(["pretrain", "--config", "deit/tiny_fmnist", *common, *extra, *SETTINGS[setting],
+                                  f"--trainer.max_steps={args.steps}", f"--checkpoint.dir={work / tag}",
+                                  f"--tracking.run_name=deit {tag}"], work)
+            rows[tag] = student_row(client, "vitpipe-deit-bench", tag)
+    teacher_note = f"trained {args.teacher_steps} steps in {teacher_wall:.0f} s" if teacher_wall else teacher
+    print(f"\nFashion-MNIST, tiny DeiT students {args.steps} steps of 128 images, teacher resnet10t ({teacher_note}); "
           "held-out top-1 on the 10,000 test images")
-    print(f"{'model':48s} {'top-1':>7s} {'teacher s/step':>15s} {'wall s':>8s}")
-    for name, top1, teacher_s, wall in rows:
-        ts = "-" if teacher_s is None else f"{teacher_s:.3f}"
-        print(f"{name:48s} {top1:7.4f} {ts:>15s} {wall:8.0f}")
+    cols = ("top1", "cls_head", "dist_head", "teacher_via_student", "agree_val", "agree_train")
+    print(f"{'setting / distillation':24s} " + " ".join(f"{c:>19s}" for c in cols) + f" {'wall s':>7s}")
+    for tag, row in rows.items():
+        cells = ("-" if row[c] is None else f"{row[c]:.4f}" for c in cols)
+        print(f"{tag:24s} " + " ".join(f"{c:>19s}" for c in cells) + f" {walls[tag]:7.0f}")
 
 
 if __name__ == "__main__":

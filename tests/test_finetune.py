@@ -86,3 +86,38 @@ def test_finetune_from_the_registry_at_another_resolution(fmnist_shards, tmp_pat
     assert model.encoder.pos_embed.meta()["grid"] == [6, 6]
     assert held_out_top1(model, recipe, recipe.model.eval_crop_pct, recipe.model.eval_limit)[0] == pytest.approx(top1)
     assert float(ref.tags["vitpipe.eval.finetune_top1"]) == pytest.approx(top1, abs=1e-4)
+
+
+def test_from_scratch_keeps_the_architecture_and_draws_fresh_weights(tmp_path):
+    """model.from_scratch: the init model's architecture (and positions) with newly initialised weights, the
+    baseline for what the pretraining bought; without it the exported weights are loaded as they are."""
+    from pipeline.exports.vit import write_export
+    from pipeline.objectives.finetune import classifier
+    from pipeline.registry import resolve_model
+
+    torch.manual_seed(1)
+    cfg = ViTConfig(size="tiny", image_size=(16, 16), patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                    pos_embed="learned")
+    pretrained = ViTEncoder(cfg)
+    folder = write_export(tmp_path / "enc", pretrained, normalisation={"mean": [0.5] * 3, "std": [0.5] * 3})
+    ref = resolve_model(str(folder), f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def recipe(scratch: bool):
+        return load_recipe("finetune/tiny_fmnist", {"model.init": str(folder), "model.image_size": "[16, 16]",
+                                                    "model.from_scratch": scratch})
+
+    loaded = classifier(recipe(False), ref).encoder.state_dict()
+    torch.manual_seed(0)
+    fresh = classifier(recipe(True), ref).encoder.state_dict()
+    torch.manual_seed(0)
+    expected = ViTEncoder(cfg).state_dict()  # a fresh init drawn the same way
+    want = pretrained.state_dict()
+    def shapes(state: dict) -> dict:
+        return {k: v.shape for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+    assert shapes(fresh) == shapes(loaded)
+    assert fresh["pos_embed._extra_state"] == loaded["pos_embed._extra_state"]  # the same position grid
+    for key in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "pos_embed.table"):
+        assert torch.equal(loaded[key], want[key]), key
+        assert not torch.equal(fresh[key], want[key]), key
+        assert torch.equal(fresh[key], expected[key]), key
