@@ -122,8 +122,8 @@ class Runner:
 
 def table(rows: list[AccuracyRow], steps: int, eval_limit: int | None) -> str:
     held_out = f"the first {eval_limit}" if eval_limit else "all 10,000"
-    lines = [f"Fashion-MNIST at an equal supervised budget: {steps} steps of 128 images, the same augmentation; "
-             f"top-1 on {held_out} held-out images", "",
+    lines = [(f"Fashion-MNIST at an equal supervised budget: {steps} steps of 128 images, the same augmentation; "
+              f"top-1 on {held_out} held-out images"), "",
              "| model | params | top-1 | training img/s | supervised wall | MAE pretraining | teacher training |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
