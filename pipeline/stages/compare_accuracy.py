@@ -28,7 +28,7 @@ from .shard import shard_fashion_mnist
 from .train import train
 
 # The ViT of every ViT row: DeiT-tiny_fmnist's size (width 96, 4 blocks, 3 heads, patch 4 at 32 px)
-VIT = {"embed_dim": 96, "depth": 4, "num_heads": 3}
+VIT = {"model.encoder.embed_dim": 96, "model.encoder.depth": 4, "model.encoder.num_heads": 3}
 # One augmentation for every row (the ViT recipes' own): mixup 0.8 / cutmix 1.0 on half the batches
 MIXUP = {"model.mixup.mixup_alpha": 0.8, "model.mixup.cutmix_alpha": 1.0, "model.mixup.prob": 0.5,
          "model.mixup.switch_prob": 0.5}
@@ -71,7 +71,7 @@ def compare_accuracy(workdir: str | Path, steps: int = 600, mae_steps: int = 600
               {**supervised, "register.name": CNN_MODEL, "register.alias": "teacher"})
     mae_s, _ = run.timed("MAE pretraining", "mae/tiny_fmnist", {
         **common, "trainer.max_steps": mae_steps, "monitor.every_n_steps": 0, "tracking.recon_every_n_steps": 0,
-        **{f"model.encoder.{k}": v for k, v in VIT.items()}, "register.name": MAE_MODEL, "register.alias": "compare"})
+        **VIT, "register.name": MAE_MODEL, "register.alias": "compare"})
     mae_uri = f"models:/{MAE_MODEL}@compare"
     scratch = run("ViT from scratch", "finetune/tiny_fmnist",
                   {**supervised, "model.init": mae_uri, "model.from_scratch": True, "optim.layer_decay": 1.0,
@@ -80,7 +80,7 @@ def compare_accuracy(workdir: str | Path, steps: int = 600, mae_steps: int = 600
                 {**supervised, "model.init": mae_uri, "register.name": None})
     tuned.pretrain_s = mae_s
     deit = run("DeiT student, hard distillation from resnet10t", "deit/tiny_fmnist",
-               {**supervised, **{f"model.encoder.{k}": v for k, v in VIT.items()}, "model.distill.kind": "hard",
+               {**supervised, **VIT, "model.distill.kind": "hard",
                 "model.teacher.model": f"models:/{CNN_MODEL}@teacher"})
     deit.teacher_s = cnn.wall_s
     rows = [cnn, scratch, tuned, deit]
