@@ -3,6 +3,7 @@
 #   benchmarks/gpu_suite.sh [--wheels DIR] [--cpu-smoke] [other gpu_suite.py options]
 # --wheels DIR: install what the host's Python lacks of deepspeed, webdataset and mlflow from wheels in DIR,
 #   offline (pip --no-index), before running; torch, lightning and timm must be there already.
+#   benchmarks/gpu_wheels.sh DIR writes DIR, on a machine that reaches PyPI.
 # Runs with .venv/bin/python when the project's environment exists, else python3 (PYTHON overrides), with the
 # checkout on PYTHONPATH, so nothing else needs installing.
 set -euo pipefail
@@ -23,7 +24,25 @@ if [ -n "$wheels" ]; then
   done
   if [ ${#missing[@]} -gt 0 ]; then
     echo "gpu_suite.sh: installing ${missing[*]} from $wheels (offline)"
-    "$python" -m pip install -q --no-index --find-links "$wheels" "${missing[@]}"
+    if ! "$python" -m pip install -q --no-index --find-links "$wheels" "${missing[@]}"; then
+      # the host's versions do not meet some requirement: keep every package the host has and add, without
+      # resolving, each one it lacks
+      lacking=$("$python" - "$wheels" <<'EOF'
+import sys
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+for wheel in sorted(Path(sys.argv[1]).glob("*.whl")):
+    try:
+        distribution(wheel.name.split("-")[0])
+    except PackageNotFoundError:
+        print(wheel)
+EOF
+)
+      echo "gpu_suite.sh: resolving failed (above); adding what the host lacks without resolving:" $lacking
+      # shellcheck disable=SC2086
+      "$python" -m pip install -q --no-index --no-deps $lacking
+    fi
+    "$python" -c "import deepspeed, mlflow, webdataset" || { echo "gpu_suite.sh: still not importable" >&2; exit 1; }
   fi
 fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
