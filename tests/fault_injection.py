@@ -123,6 +123,26 @@ class NoSpaceAt(L.Callback):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "state.ckpt")
 
 
+class NoSpaceOnRank(L.Callback):
+    """Global rank ``rank``'s first file of the checkpoint of optimizer ``step`` fails with ENOSPC (once), as when
+    only that rank's disk is full: the other ranks write theirs. For strategies where every rank writes its own
+    files (DeepSpeed): the write fails inside the strategy's save, between its collectives."""
+
+    def __init__(self, step: int, rank: int):
+        self.step, self.rank = step, rank
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict) -> None:
+        if trainer.global_step != self.step or trainer.global_rank != self.rank:
+            return
+        real = torch.save
+
+        def full_disk(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+            torch.save = real  # once
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+
+        torch.save = full_disk
+
+
 class StopServerAtEnd(L.Callback):
     """When training ends, before the logger writes the run's final status: kill the tracking server (process
     group ``pid``) and wait until its ``port`` refuses connections."""

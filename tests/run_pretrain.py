@@ -13,7 +13,8 @@ Usage: python run_pretrain.py OVERRIDES_JSON [--recipe NAME] [--kill-in-checkpoi
 --poison-at STEP [--poison-rank R]: rank R's batch of optimizer step STEP is all NaN (fault_injection).
 --spike-at STEP [--spike-count N]: the loss of N steps from STEP is 50 times larger on every rank.
 --sigkill-at STEP --sigkill-rank R: rank R SIGKILLs itself after STEP in a launcher's first attempt.
---no-space-at STEP: writing the checkpoint of STEP fails with ENOSPC.
+--no-space-at STEP [--no-space-rank R]: writing the checkpoint of STEP fails with ENOSPC (with a rank: that rank's
+    first file of it, inside a DeepSpeed save).
 --stop-server-at-end PID:PORT: when training ends, before the final MLflow status, kill the server.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
-from fault_injection import NoSpaceAt, PoisonBatch, SigkillAt, SpikeLoss, StopServerAtEnd
+from fault_injection import NoSpaceAt, NoSpaceOnRank, PoisonBatch, SigkillAt, SpikeLoss, StopServerAtEnd
 
 from pipeline.recipe import load_recipe
 from pipeline.stages.train import train as pretrain
@@ -109,7 +110,8 @@ if __name__ == "__main__":
     if (step := _option("--sigkill-at")) is not None:
         callbacks.append(SigkillAt(int(step), int(_option("--sigkill-rank") or 0)))
     if (step := _option("--no-space-at")) is not None:
-        callbacks.append(NoSpaceAt(int(step)))
+        rank = _option("--no-space-rank")
+        callbacks.append(NoSpaceAt(int(step)) if rank is None else NoSpaceOnRank(int(step), int(rank)))
     if (server := _option("--stop-server-at-end")) is not None:
         callbacks.append(StopServerAtEnd(*map(int, server.split(":"))))
     recipe = load_recipe(_option("--recipe") or "mae/tiny_fmnist", overrides)

@@ -41,3 +41,23 @@ def test_a_full_disk_stops_the_run_clearly_and_the_rerun_resumes(fmnist_shards, 
     assert not list(ckpt.glob(".step-*.partial")) and not (ckpt / "step-00000008").exists()
     result = train(recipe, resume="auto")
     assert result.global_step == 10 and result.checkpoint.name == "step-00000010"
+
+
+def test_a_full_disk_on_one_rank_stops_every_rank_of_a_zero_run(fmnist_shards, tmp_path, child_env):
+    """ZeRO-2, 2 processes: rank 1's optimizer shard of checkpoint 4 fails with ENOSPC while rank 0 writes its
+    files. Every rank stops with the error, none left waiting in a collective for the other; no partial folder
+    stays, and the rerun resumes from checkpoint 2."""
+    from test_zero import strategy_overrides, torchrun
+
+    overrides = strategy_overrides(fmnist_shards, tmp_path, 2, **{"trainer.max_steps": 6,
+                                                                  "checkpoint.every_n_steps": 2})
+    proc = torchrun(overrides, child_env, "--no-space-at", "4", "--no-space-rank", "1", timeout=240)
+    assert proc.returncode != 0
+    assert "CheckpointWriteError: checkpoint of step 4" in proc.stderr, proc.stderr[-4000:]
+    assert "No space left on device" in proc.stderr and "failed (on another rank)" in proc.stderr
+    ckpt = tmp_path / "ckpt"
+    assert not list(ckpt.glob(".step-*.partial")) and not (ckpt / "step-00000004").exists()
+    proc = torchrun(overrides, child_env, timeout=240)  # --resume auto
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resuming from" in proc.stderr + proc.stdout and "step-00000002" in proc.stderr + proc.stdout
+    assert (ckpt / "step-00000006").is_dir()

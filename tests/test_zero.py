@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from conftest import REPO, tiny_overrides
@@ -23,13 +24,22 @@ STEPS, EVERY = 6, 3
 RUNNER = str(REPO / "tests" / "run_pretrain.py")
 
 
-def torchrun(overrides: dict, env: dict, *extra: str, nproc: int = 2,
-             program: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def torchrun(overrides: dict, env: dict, *extra: str, nproc: int = 2, program: tuple[str, ...] = (),
+             timeout: float = 600) -> subprocess.CompletedProcess:
     """``nproc`` processes on this node running the test runner with ``overrides`` (or ``program``)."""
     launch = ("--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(free_port()))
     cmd = [sys.executable, "-m", "torch.distributed.run", *launch, *(program or (RUNNER, json.dumps(overrides))),
            *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # ranks stuck in a collective: none may outlive the test (torchrun starts
+        for child in psutil.Process(proc.pid).children(recursive=True):  # each in a session of its own)
+            child.kill()
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def strategy_overrides(shards: Path, work: Path, stage: int | None, **extra) -> dict[str, str]:

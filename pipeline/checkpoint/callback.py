@@ -25,11 +25,6 @@ class CheckpointWriteError(RunStopped):
     """A checkpoint could not be written (no space left, a quota, a read-only disk): the run stops."""
 
 
-def _sharded(trainer: L.Trainer) -> bool:
-    """Every rank writes its own files (DeepSpeed), rather than rank 0 alone."""
-    return getattr(trainer.strategy, "deepspeed_engine", None) is not None
-
-
 class CommittedCheckpoint(L.Callback):
     def __init__(self, cfg: CheckpointConfig, write_extras: Callable[[Path], None] | None = None):
         self.cfg, self.root = cfg, Path(cfg.dir)
@@ -91,19 +86,24 @@ class CommittedCheckpoint(L.Callback):
             trainer.save_checkpoint(tmp / STATE, weights_only=False)
         except OSError as err:  # a full disk, a quota: the ranks agree below, so none waits for another
             failure = err
-            if not _sharded(trainer):  # rank 0 alone wrote; the others wait in the barrier it did not reach
-                trainer.strategy.barrier("Trainer.save_checkpoint")
-        trainer.strategy.barrier("checkpoint-written")
-        if self._owner and failure is None:
+            # the strategy's save raises once its collectives are done (ZeroStrategy defers its ranks' write
+            # errors to the end); this stands in for the barrier that closes Trainer.save_checkpoint
+            trainer.strategy.barrier("Trainer.save_checkpoint")
+        # every rank's files are written (sharded strategies: each rank its own) before any copy is committed
+        written = trainer.strategy.reduce_boolean_decision(failure is None, all=True)
+        committed = False
+        if written and self._owner:
             try:
                 if self.write_extras is not None:
                     self.write_extras(tmp)
-                commit(tmp, final, step)
+                committed = commit(tmp, final, step) is not None
             except OSError as err:
                 failure = err
         if not trainer.strategy.reduce_boolean_decision(failure is None, all=True):
             if self._owner:
                 shutil.rmtree(tmp, ignore_errors=True)
+                if committed:  # another node's copy failed: this one is not a checkpoint of the whole run
+                    shutil.rmtree(final, ignore_errors=True)
             newest = latest_complete(self.root)
             raise CheckpointWriteError(
                 f"checkpoint of step {step}: writing {tmp} failed "

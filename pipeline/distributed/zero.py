@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CUDAAccelerator
@@ -58,12 +61,24 @@ class ZeroStrategy(DeepSpeedStrategy):
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None):
         """As Lightning's, except that each rank writes under its own ``filepath`` instead of rank 0's: the same
-        folder on a shared filesystem, its node's folder when the nodes share none (checkpoint.mirror)."""
+        folder on a shared filesystem, its node's folder when the nodes share none (checkpoint.mirror).
+
+        A rank whose write fails (a full disk, a quota) still goes through every collective of DeepSpeed's save,
+        then raises: DeepSpeed's save holds barriers between the ranks' writes, and a rank that left it early
+        would leave the others waiting in one until the process group's timeout."""
         if storage_options is not None:
             raise TypeError("storage_options is not supported by DeepSpeed checkpoints")
         client_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-        self.deepspeed_engine.save_checkpoint(filepath, client_state=client_state, tag=DEEPSPEED_TAG,
-                                              exclude_frozen_parameters=self.exclude_frozen_parameters)
+        engine = self.deepspeed_engine
+        with _writes_deferring_errors(engine.checkpoint_engine) as failures:
+            try:
+                engine.save_checkpoint(filepath, client_state=client_state, tag=DEEPSPEED_TAG,
+                                       exclude_frozen_parameters=self.exclude_frozen_parameters)
+            except OSError as err:  # rank 0's own small writes ('latest', the recovery scripts) after the last
+                failures.append(err)  # collective but the closing barrier, which this one stands in for
+                self.barrier("deepspeed-save-end")
+        if failures:
+            raise failures[0]
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):
         """Loads on the world size that saved it as DeepSpeed does; on another one, through the universal format
@@ -83,3 +98,28 @@ class ZeroStrategy(DeepSpeedStrategy):
         if resharded and self.zero_stage_3:
             repair_stage3_universal_load(self.deepspeed_engine.optimizer, path / UNIVERSAL_TAG)
         return client_state
+
+
+@contextmanager
+def _writes_deferring_errors(checkpoint_engine: Any) -> Iterator[list[OSError]]:
+    """Within: the DeepSpeed checkpoint engine's file writes and folder creations record an OSError in the list
+    yielded instead of raising it, and the writes after it are skipped (the folder is discarded anyway)."""
+    failures: list[OSError] = []
+
+    def deferring(method: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if failures:
+                return None
+            try:
+                return method(*args, **kwargs)
+            except OSError as err:
+                failures.append(err)
+                return None
+        return call
+
+    checkpoint_engine.save = deferring(checkpoint_engine.save)  # instance attributes shadow the class's
+    checkpoint_engine.makedirs = deferring(checkpoint_engine.makedirs)
+    try:
+        yield failures
+    finally:
+        del checkpoint_engine.save, checkpoint_engine.makedirs
