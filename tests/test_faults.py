@@ -1,5 +1,7 @@
-"""The fault table's rows that belong in every run of the suite (benchmarks/faults.py runs them all). The
-damaged-checkpoint row is the scenario of tests/test_resume.py's first test, which checks it step by step."""
+"""The fault table (benchmarks/faults.py) in the suite: its accounting of lost and repeated samples, on the NaN
+row. The other rows' scenarios are tests of their own, checked step by step: the damaged checkpoint in
+tests/test_resume.py, the tracking server lost at the end in tests/test_tracking_resilience.py, rollbacks in
+tests/test_guard.py, a full disk below."""
 from __future__ import annotations
 
 import json
@@ -12,15 +14,14 @@ from conftest import REPO, tiny_overrides
 pytestmark = pytest.mark.slow
 
 
-def test_fault_rows_recover_without_losing_or_repeating_samples(tmp_path, child_env):
+def test_fault_table_accounts_a_skipped_batch_as_skipped_not_lost(tmp_path, child_env):
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "faults.py"), "--rows",
-                          "nan,mlflow", "--work", str(tmp_path), "--json", str(tmp_path / "rows.json")],
+                          "nan", "--work", str(tmp_path), "--json", str(tmp_path / "rows.json")],
                          env=child_env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout + out.stderr[-4000:]
     rows = {r["fault"].split(" ")[0]: r for r in json.loads((tmp_path / "rows.json").read_text())}
     assert all(r["recovered"] and r["lost"] == 0 and r["repeated"] == 0 for r in rows.values()), rows
     assert rows["NaN"]["by_design"] == 16 and rows["NaN"]["redone"] == 0  # one skipped batch, nothing redone
-    assert rows["MLflow"]["recovered"]
     assert "| fault | recovered |" in out.stdout
 
 
