@@ -90,6 +90,14 @@ def test_deit_with_hard_distillation_from_an_exported_teacher(fmnist_shards, tmp
     for key in ("val/top1_cls_head", "val/top1_dist_head", "val/dist_head_teacher_agreement",
                 "val/cls_head_teacher_agreement"):
         assert 0.0 <= logged[key] <= 1.0, key
+    # ...and the same pass gives the student's top-1: what a pass of its own over the images computes
+    from pipeline.objectives.hooks import held_out_top1
+    from pipeline.objectives.registry import objective_of
+    from pipeline.objectives.trained import trained_model
+
+    student = trained_model(objective_of(recipe), recipe, result.checkpoint)
+    assert logged["val/top1"] == pytest.approx(held_out_top1(student, recipe, recipe.model.eval_crop_pct, 64)[0])
+    assert "; teacher_top1 " in str(result.summary)
     state = torch.load(result.checkpoint / "state.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert state and all(k.startswith("model.") for k in state)  # the teacher is not saved with the student
     assert "model.encoder.dist_token" in state and "model.head_dist.weight" in state

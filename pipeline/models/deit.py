@@ -36,7 +36,10 @@ class DistilledViT(nn.Module):
         return self.head(tokens[:, 0]), self.head_dist(tokens[:, 1])
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        cls, dist = self.both_logits(imgs)
+        return self.combine(*self.both_logits(imgs))
+
+    def combine(self, cls: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+        """Both heads' logits [B, K] -> the prediction ``head`` names [B, K]."""
         if self.head_mode == "cls":
             return cls
         if self.head_mode == "dist":

@@ -66,19 +66,16 @@ def write_export(out: Path, model: nn.Module, recipe: DeiTRecipe, meta: dict[str
 
 
 def after_training(objective: Objective, recipe: DeiTRecipe, result: TrainResult) -> None:
-    """Held-out top-1 (and registration) of the trained weights, with a teacher what the distillation did (see
-    ``distillation_diagnosis``), then the top-1 of the weights' moving average when kept."""
-    from mlflow import MlflowClient
-
-    trained = classifier_after_training(objective, recipe, result)
+    """Held-out top-1 (and registration) of the trained weights, with a teacher in the same pass what the
+    distillation did (see ``distillation_scores``), then the top-1 of the weights' moving average when kept."""
     m = recipe.model
-    if trained is not None and m.distill.kind != "none":
-        diagnosis, client = distillation_diagnosis(trained, recipe), MlflowClient(result.tracking_uri)
-        for key, value in diagnosis.items():
-            client.log_metric(result.run_id, key, value, step=result.global_step)
-        result.summary.add("deit: held-out " + ", ".join(f"{k[4:]} {v:.4f}" for k, v in diagnosis.items()))
+    with_teacher = m.distill.kind != "none"
+    trained = classifier_after_training(objective, recipe, result,
+                                        (lambda model: distillation_scores(model, recipe)) if with_teacher else None)
     if trained is None or not m.ema_decay:
         return
+
+    from mlflow import MlflowClient
 
     from ..checkpoint.state import read_callback_state
     from ..checkpoint.store import STATE
@@ -93,11 +90,12 @@ def after_training(objective: Objective, recipe: DeiTRecipe, result: TrainResult
     result.summary.add(f"deit: held-out top-1 of the weight average (decay {m.ema_decay}) {top1:.4f} on {n} samples")
 
 
-def distillation_diagnosis(student: nn.Module, recipe: DeiTRecipe) -> dict[str, float]:
-    """On the held-out images, exactly as the student's pipeline hands them to the teacher (the student's eval
-    transform, re-normalised and resized by ``Teacher``): the teacher's top-1, each student head's top-1, and
-    how often each head's class agrees with the teacher's. A teacher that loses accuracy through this path, or
-    a distillation head that does not follow it, is what keeps distillation from helping."""
+def distillation_scores(student: nn.Module, recipe: DeiTRecipe) -> tuple[dict[str, float], int]:
+    """One pass over the held-out images, exactly as the student's pipeline hands them to the teacher (the
+    student's eval transform, re-normalised and resized by ``Teacher``): the student's top-1 (``val/top1``,
+    its ``head`` prediction), the teacher's, each head's, and how often each head's class agrees with the
+    teacher's; and the number of images. A teacher that loses accuracy through this path, or a distillation head
+    that does not follow it, is what keeps distillation from helping."""
     import torch
 
     from ..registry.teacher import load_teacher
@@ -109,17 +107,17 @@ def distillation_diagnosis(student: nn.Module, recipe: DeiTRecipe) -> dict[str, 
     teacher.to(device)
     student.eval()
 
-    def heads(imgs: torch.Tensor) -> torch.Tensor:  # [b, 3, K]: CLS head, distillation head, teacher
+    def heads(imgs: torch.Tensor) -> torch.Tensor:  # [b, 4, K]: the prediction, CLS head, distillation head, teacher
         imgs = imgs.to(device)
         cls, dist = student.both_logits(imgs)
-        return torch.stack([cls, dist, teacher(imgs).to(cls.dtype)], dim=1)
+        return torch.stack([student.combine(cls, dist), cls, dist, teacher(imgs).to(cls.dtype)], dim=1)
 
     out = held_out_outputs(heads, recipe, m.eval_crop_pct, m.eval_limit)
-    cls, dist, taught = out.feats.argmax(-1).unbind(1)  # each [N]
-    rates = {"teacher_top1": taught == out.labels, "top1_cls_head": cls == out.labels,
+    pred, cls, dist, taught = out.feats.argmax(-1).unbind(1)  # each [N]
+    rates = {"top1": pred == out.labels, "teacher_top1": taught == out.labels, "top1_cls_head": cls == out.labels,
              "top1_dist_head": dist == out.labels, "dist_head_teacher_agreement": dist == taught,
              "cls_head_teacher_agreement": cls == taught}
-    return {f"val/{name}": hit.float().mean().item() for name, hit in rates.items()}
+    return {f"val/{name}": hit.float().mean().item() for name, hit in rates.items()}, len(out.labels)
 
 
 OBJECTIVE = Objective("deit", DeiTRecipe, "DeiT: a ViT student with a distillation token, with or without a teacher",

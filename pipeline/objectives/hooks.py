@@ -2,6 +2,7 @@
 a run's final checkpoint, and a classifier's end of run (held-out top-1, export, registration)."""
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from .spec import Embedding, Objective
@@ -18,6 +19,9 @@ if TYPE_CHECKING:
     from ..recipe import RunRecipe
     from ..registry.models import ModelRef
     from ..stages.run_record import TrainResult
+
+    # a trained classifier -> its held-out metrics ("val/top1" among them) and the number of samples they count
+    HeldOutScore = Callable[[nn.Module], tuple[dict[str, float], int]]
 
 
 def encoder_features(ref: ModelRef, cfg: EvalConfig) -> Embedding:
@@ -83,19 +87,30 @@ def held_out_top1(model: nn.Module, recipe: RunRecipe, crop_pct: float, limit: i
     return (out.feats.argmax(-1) == out.labels).float().mean().item(), len(out.labels)
 
 
-def classifier_after_training(objective: Objective, recipe: RunRecipe, result: TrainResult) -> nn.Module | None:
-    """End of a classifier's run: held-out top-1 of the final checkpoint's weights -> ``val/top1`` of the run,
-    then export and registration when the recipe names a model. Returns the trained network (None without
-    checkpoints)."""
+def classifier_after_training(objective: Objective, recipe: RunRecipe, result: TrainResult,
+                              score: HeldOutScore | None = None) -> nn.Module | None:
+    """End of a classifier's run: held-out metrics of the final checkpoint's weights (``score``; by default the
+    top-1 alone) -> the run's ``val/*`` metrics, then export and registration when the recipe names a model.
+    Returns the trained network (None without checkpoints)."""
     from mlflow import MlflowClient
+    from mlflow.entities import Metric
 
     stage = objective.stage
     if not final_checkpoint(result, stage):
         return None
     model = trained_model(objective, recipe, result.checkpoint)
     m = recipe.model
-    top1, n = held_out_top1(model, recipe, m.eval_crop_pct, m.eval_limit)
-    MlflowClient(result.tracking_uri).log_metric(result.run_id, "val/top1", top1, step=result.global_step)
-    result.summary.add(f"{stage}: held-out top-1 {top1:.4f} on {n} samples of {recipe.data.val}")
+    if score is None:
+        top1, n = held_out_top1(model, recipe, m.eval_crop_pct, m.eval_limit)
+        metrics = {"val/top1": top1}
+    else:
+        metrics, n = score(model)
+        top1 = metrics["val/top1"]
+    now = int(time.time() * 1000)
+    MlflowClient(result.tracking_uri).log_batch(
+        result.run_id, [Metric(k, v, now, result.global_step) for k, v in metrics.items()])
+    others = ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in metrics.items() if k != "val/top1")
+    result.summary.add(f"{stage}: held-out top-1 {top1:.4f} on {n} samples of {recipe.data.val}"
+                       + (f"; {others}" if others else ""))
     register_final(objective, recipe, result, model, {f"vitpipe.eval.{stage}_top1": f"{top1:.4f}"}, val_top1=top1)
     return model
