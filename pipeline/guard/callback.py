@@ -22,6 +22,7 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import MLFlowLogger
 
 from ..checkpoint.store import STEP_DIR, newest_sound
+from ..distributed.gather import every_rank
 from ..errors import RunStopped
 from .config import GuardConfig
 from .detector import Detector, Verdict
@@ -184,7 +185,7 @@ class StepGuard(L.Callback):
             found = self.detector.observe(s, loss, bad > 0)
             verdict = verdict or found
         if skipped:
-            keys = self._gather_keys(trainer, mine)
+            keys = self._gather_keys(mine)
             self.ledger.skipped.extend(skipped)
             for s in skipped:
                 log.warning("step %d skipped: non-finite loss or gradient on some rank; its samples: %s", s,
@@ -197,29 +198,22 @@ class StepGuard(L.Callback):
         self._done = step
         return verdict
 
-    def _gather_keys(self, trainer: L.Trainer, bad_here: dict[int, bool]) -> dict[int, list[str]]:
+    def _gather_keys(self, bad_here: dict[int, bool]) -> dict[int, list[str]]:
         """The sample keys of each skipped step: of the ranks whose loss was non-finite, or of every rank when
         only the (shared) gradient was."""
         n = len(self._keys)
         mine = {s: (bad, list(self._keys[(s - 1) % n])) for s, bad in bad_here.items()}
-        every = [mine]
-        if trainer.world_size > 1 and dist.is_initialized():
-            every = [None] * dist.get_world_size()
-            dist.all_gather_object(every, mine)  # every rank knows the same steps were skipped: all join
+        every = every_rank(mine)  # every rank knows the same steps were skipped: all join
         out = {}
         for s in bad_here:
             culprits = [keys for bad, keys in (rank[s] for rank in every) if bad]
             out[s] = [k for keys in (culprits or [keys for _, keys in (rank[s] for rank in every)]) for k in keys]
         return out
 
-    def _verdict_keys(self, trainer: L.Trainer, verdict: Verdict) -> list[str]:
+    def _verdict_keys(self, verdict: Verdict) -> list[str]:
         """Every rank's sample keys of the verdict's steps (those still remembered)."""
         mine = [k for s in verdict.steps for k in self._recent.get(s, [])]
-        if trainer.world_size == 1 or not dist.is_initialized():
-            return mine
-        every: list[list[str] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(every, mine)  # every rank reaches the same verdict: all join
-        return [k for rank in every for k in rank or []]
+        return [k for rank in every_rank(mine) for k in rank]  # every rank reaches the same verdict: all join
 
     def _judge(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         verdict = self._pending or self._observe(trainer)
@@ -230,7 +224,7 @@ class StepGuard(L.Callback):
             self._roll_back(trainer, verdict)
 
     def _roll_back(self, trainer: L.Trainer, verdict: Verdict) -> None:
-        done, keys = len(self.ledger.rollbacks), self._verdict_keys(trainer, verdict)
+        done, keys = len(self.ledger.rollbacks), self._verdict_keys(verdict)
         shown = ", ".join(keys[:16]) + (f", ... ({len(keys)} in all)" if len(keys) > 16 else "")
         if self.root is None:
             raise GuardError(f"trainer.guard: {verdict.describe()}, and checkpointing is off, so there is no "

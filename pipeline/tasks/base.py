@@ -10,9 +10,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ..data.bad_samples import BadSampleTally, judge_bad_samples, too_many_bad
+from ..distributed.gather import every_rank
 
 
 def sample_seed(seed: int, epoch: int, key: str) -> int:
@@ -82,8 +82,6 @@ class StreamTask(L.LightningModule):
         counts = torch.tensor([self._bad.bad, self._bad.seen], dtype=torch.long, device=self.device)  # [2]
         bad, seen = (int(v) for v in self.trainer.strategy.reduce(counts, reduce_op="sum").tolist())
         examples = self._bad.examples
-        if too_many_bad(bad, seen, cfg) and dist.is_available() and dist.is_initialized():
-            gathered: list[list[tuple[str, str]] | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, examples)  # every rank's first bad keys, to name them
-            examples = [e for rank in gathered for e in (rank or [])][: self._bad.keep]
+        if too_many_bad(bad, seen, cfg):  # every rank's first bad keys, to name them
+            examples = [e for rank in every_rank(examples) for e in rank][: self._bad.keep]
         judge_bad_samples(bad, seen, examples, cfg)
