@@ -148,6 +148,25 @@ def test_a_loss_spike_rolls_back_and_too_many_rollbacks_stop_the_run(fmnist_shar
     assert f"the samples of steps [9, 10]: {', '.join((last[9] + last[10])[:16])}, ... (32 in all)" in str(err.value)
 
 
+
+def test_a_rollback_across_an_epoch_boundary_reads_on_in_the_new_epoch(fmnist_shards, tmp_path):
+    """2,000 images at 64 a step: epoch 1 starts at step 32. Steps 33-34 spike, and the run goes back to step 30,
+    in epoch 0. It reads on after step 34's batch, in epoch 1, and through the next boundary (step 63): every
+    redone step reads, in the same epoch, what an unfaulted run reads 4 steps later."""
+    common = {"trainer.global_batch": 64, "checkpoint.every_n_steps": 10, "checkpoint.keep_last": 10}
+    work = tmp_path / "faulted"
+    result = train(_recipe(fmnist_shards, work, **{**common, "trainer.max_steps": 70}), resume="none",
+                   extra_callbacks=[SpikeLoss(step=33, count=2)])
+    assert "at steps 33-34 -> back to step-00000030" in str(result.summary) and result.global_step == 70
+    records = [json.loads(x) for x in (work / "trace.jsonl").read_text().splitlines()]
+    redone = records[34:]
+    assert [r["step"] for r in redone] == list(range(31, 71))
+    train(_recipe(fmnist_shards, tmp_path / "unfaulted", **{**common, "trainer.max_steps": 74}), resume="none")
+    plain = _trace(tmp_path / "unfaulted" / "trace.jsonl")
+    assert plain[31]["epoch"] == 0 and plain[32]["epoch"] == 1 and plain[63]["epoch"] == 2
+    for r in redone:
+        assert (r["epoch"], r["keys"]) == (plain[r["step"] + 4]["epoch"], plain[r["step"] + 4]["keys"]), r["step"]
+
 # -- several processes ----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ddp_zero2_and_zero3_agree_on_every_guard_event(fmnist_shards, tmp_path, child_env):
