@@ -2,6 +2,7 @@
 against timm, one ViT-L/16 training step on CPU, RoPE, and the optimizer's groups and schedule."""
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -236,6 +237,39 @@ def test_resample_grid_treats_height_and_width_alike():
         a = resample_grid(t.reshape(16, 3), (4, 4), new).reshape(*new, 3)
         transposed = resample_grid(t.transpose(0, 1).reshape(16, 3), (4, 4), new[::-1]).reshape(*new[::-1], 3)
         torch.testing.assert_close(a, transposed.transpose(0, 1))
+
+
+def test_a_checkpoint_of_an_unfused_adamw_resumes_fused_and_steps_alike():
+    """An optimizer state written by the unfused AdamW of earlier releases loads into the fused one: the groups
+    stay fused (the guard skips steps through the fused kernel) and the next step is the unfused one's."""
+    torch.manual_seed(0)
+    model = tiny_mae()
+    cfg = OptimConfig()
+    groups = param_groups(model, cfg.weight_decay)
+    old = torch.optim.AdamW(groups, lr=1e-3, betas=cfg.betas, fused=False)
+    imgs = torch.randn(2, 3, 32, 32)
+    for _ in range(2):
+        old.zero_grad()
+        model(imgs)[0].backward()
+        old.step()
+    buffer = io.BytesIO()  # through a file, as a checkpoint: the loaded state shares no tensor with ``old``
+    torch.save(old.state_dict(), buffer)
+    saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    assert not any(g["fused"] for g in saved["param_groups"])
+
+    twin = tiny_mae()
+    twin.load_state_dict(model.state_dict())
+    opt, _ = build_optimizer(twin, cfg, effective_batch=256, total_steps=10, warmup_steps=1)
+    opt.load_state_dict(saved)
+    assert all(g["fused"] and not g["foreach"] for g in opt.param_groups)
+    assert opt.param_groups[0]["lr"] == saved["param_groups"][0]["lr"]
+    for m, o in ((model, old), (twin, opt)):  # one more step each, from the same state
+        torch.manual_seed(1)
+        o.zero_grad()
+        m(imgs)[0].backward()
+        o.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)  # (the kernels' rounding only)
 
 
 @pytest.mark.parametrize("kind", ["learned", "sincos2d", "rope2d"])

@@ -103,7 +103,7 @@ class StepGuard(L.Callback):
         self._opt = innermost_optimizer(trainer.optimizers[0])
         self.found_inf = torch.zeros((), device=self._opt_device(device))  # 1.0: the fused kernel skips
         # (fp16: the loss scaler sets its own found_inf on the optimizer and skips by it.) Each group's flag
-        # decides, not the defaults: a checkpoint of an unfused optimizer restores its groups unfused.
+        # decides, not the defaults (build_optimizer resumes an unfused optimizer's checkpoint fused).
         if self.skips and all(group.get("fused") for group in self._opt.param_groups):
             self._opt.found_inf = self.found_inf
         elif self.skips:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -70,8 +70,18 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, effective_batch: int, to
     # Fused: one kernel for all parameters, and the step count kept on the device, where the default CPU path
     # reads it back per parameter (a host sync each). DeepSpeed's ZeRO takes it as its client optimizer.
     opt = torch.optim.AdamW(groups, lr=peak, betas=cfg.betas, fused=fusable(model))
+    if opt.defaults["fused"]:
+        opt.register_load_state_dict_pre_hook(_resume_fused)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: warmup_cosine(step, warmup_steps, total_steps, peak, cfg.min_lr) / peak)
     return opt, sched
 
 
+
+
+def _resume_fused(optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """A checkpoint of an unfused AdamW (written before the optimizer was fused) resumes fused: its groups take
+    this optimizer's flags, so torch loads the step counts onto the parameters' device as the fused kernel wants
+    them, and the training guard can still skip a step on the device."""
+    groups = [{**saved, "fused": True, "foreach": None} for saved in state["param_groups"]]
+    return {**state, "param_groups": groups}
