@@ -148,7 +148,6 @@ def test_a_loss_spike_rolls_back_and_too_many_rollbacks_stop_the_run(fmnist_shar
     assert f"the samples of steps [9, 10]: {', '.join((last[9] + last[10])[:16])}, ... (32 in all)" in str(err.value)
 
 
-
 def test_a_rollback_across_an_epoch_boundary_reads_on_in_the_new_epoch(fmnist_shards, tmp_path):
     """2,000 images at 64 a step: epoch 1 starts at step 32. Steps 33-34 spike, and the run goes back to step 30,
     in epoch 0. It reads on after step 34's batch, in epoch 1, and through the next boundary (step 63): every
@@ -166,6 +165,7 @@ def test_a_rollback_across_an_epoch_boundary_reads_on_in_the_new_epoch(fmnist_sh
     assert plain[31]["epoch"] == 0 and plain[32]["epoch"] == 1 and plain[63]["epoch"] == 2
     for r in redone:
         assert (r["epoch"], r["keys"]) == (plain[r["step"] + 4]["epoch"], plain[r["step"] + 4]["keys"]), r["step"]
+
 
 # -- several processes ----------------------------------------------------------------------------------------
 @pytest.mark.slow

@@ -96,7 +96,8 @@ class CommittedCheckpoint(L.Callback):
             try:
                 if self.write_extras is not None:
                     self.write_extras(tmp)
-                committed = commit(tmp, final, step) is not None
+                commit(tmp, final, step)
+                committed = True
             except OSError as err:
                 failure = err
         if not trainer.strategy.reduce_boolean_decision(failure is None, all=True):
