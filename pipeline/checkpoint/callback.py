@@ -15,8 +15,7 @@ from ..data.storage import StorageError
 from ..errors import RunStopped
 from .mirror import Mirror, files_of_rank
 from .shared_fs import folder_owner
-from .store import (STATE, CheckpointConfig, commit, complete_checkpoints, latest_complete, partial_dir, prune,
-                    step_dir)
+from .store import STATE, CheckpointConfig, commit, complete_checkpoints, latest_complete, partial_dir, prune, step_dir
 
 log = logging.getLogger(__name__)
 
