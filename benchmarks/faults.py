@@ -12,7 +12,8 @@ lost when it is neither learnt from nor skipped by design; a sample learnt from 
 
 Rows: kill (one rank SIGKILLed under torchrun --max-restarts 1), damaged (the newest checkpoint truncated
 after its commit), enospc (the disk full while a checkpoint is written: a small tmpfs where mounting is
-allowed, else an injected ENOSPC), s3 (a proxy answering 503 SlowDown and resetting connections in front of
+allowed, else an injected ENOSPC), enospc-rank (ENOSPC on one rank alone, writing its shard of a 2-process
+ZeRO-2 checkpoint), s3 (a proxy answering 503 SlowDown and resetting connections in front of
 SeaweedFS), mlflow (the tracking server down when training ends), nan (a NaN batch on one rank), spike (a loss
 spike). Each row's faulted run is a subprocess (tests/run_pretrain.py, which holds the test-only injectors).
 """
@@ -176,6 +177,20 @@ def row_enospc(shards, root, env, ref) -> Row:
                        how=f"{how}; rerun resumed from step 4"), work, ref)
 
 
+def row_enospc_rank(shards, root, env, ref) -> Row:
+    work = root / "enospc-rank"
+    o = overrides(shards, work, **{"trainer.max_steps": 12, "trainer.strategy": "deepspeed", "zero.stage": 2,
+                                   "data.num_workers": 1})
+    first = run(o, env, "--no-space-at", "8", "--no-space-rank", "1", nproc=2)
+    ckpt = work / "ckpt"
+    kept = any(ckpt.glob(".step-*.partial")) or (ckpt / "step-00000008").exists()
+    second = run(o, env, nproc=2)
+    ok = (first.returncode != 0 and first.stderr.count("checkpoint of step 8: writing") == 2 and not kept
+          and second.returncode == 0 and "resuming from" in second.stderr)
+    return account(Row("no space on rank 1 alone for its ZeRO-2 shard of checkpoint 8", ok,
+                       how="both ranks stopped at once, nothing committed; rerun resumed from step 4"), work, ref)
+
+
 def row_s3(shards, root, env, ref) -> Row:
     from s3_fault_proxy import FaultProxy
     from s3_server import SeaweedS3
@@ -234,8 +249,8 @@ def row_mlflow(shards, root, env, ref) -> Row:
         server.stop()
 
 
-ROWS = {"kill": row_kill, "damaged": row_damaged, "enospc": row_enospc, "s3": row_s3, "mlflow": row_mlflow,
-        "nan": row_nan, "spike": row_spike}
+ROWS = {"kill": row_kill, "damaged": row_damaged, "enospc": row_enospc, "enospc-rank": row_enospc_rank, "s3": row_s3,
+        "mlflow": row_mlflow, "nan": row_nan, "spike": row_spike}
 
 
 def shards_in(root: Path) -> str:
