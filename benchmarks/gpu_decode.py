@@ -75,7 +75,7 @@ def main() -> None:
             rates[decode].append(images_per_s(manifest, decode, a.size, a.batch, a.workers, device, None))
     cpu, gpu = statistics.median(rates["cpu"]), statistics.median(rates["gpu"])
     print(f"{a.images} JPEG photos 500x375 -> {a.size} px, batch {a.batch}, {a.workers} loader workers, on {name}")
-    print("| decode | images/s (median of %d) | ratio |" % a.runs)
+    print(f"| decode | images/s (median of {a.runs}) | ratio |")
     print("|---|---|---|")
     print(f"| cpu (workers) | {cpu:.1f} | 1.00x |")
     print(f"| gpu (device) | {gpu:.1f} | {gpu / cpu:.2f}x |")

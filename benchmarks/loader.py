@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import fsspec
-
 import numpy as np
 import torch
 from PIL import Image

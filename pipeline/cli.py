@@ -5,11 +5,12 @@ import argparse
 import dataclasses
 import logging
 import sys
-from typing import Callable, get_args
+from collections.abc import Callable
+from typing import get_args
 
 from .config import ConfigError
-from .errors import RunStopped
 from .console import quiet_third_party
+from .errors import RunStopped
 from .evaluation.config import EvalConfig, KNNConfig
 
 OVERRIDES = """\

@@ -12,7 +12,8 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Iterable, Iterator, TextIO, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import Any, TextIO, TypeVar
 
 T = TypeVar("T")
 

@@ -1,13 +1,24 @@
 """Checkpoint discovery, commit marker and retention, on real folders."""
 from __future__ import annotations
 
-import pytest
-
 import json
 import logging
 
-from pipeline.checkpoint.store import (MARKER, STATE, commit, complete_checkpoints, damage, latest_complete,
-                                       marker_text, partial_dir, prune, resolve_resume, step_dir)
+import pytest
+
+from pipeline.checkpoint.store import (
+    MARKER,
+    STATE,
+    commit,
+    complete_checkpoints,
+    damage,
+    latest_complete,
+    marker_text,
+    partial_dir,
+    prune,
+    resolve_resume,
+    step_dir,
+)
 
 
 def _make(root, step, complete=True):

@@ -18,12 +18,12 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.data import ManifestError, ShardStream, StreamConfig, StreamLoader, TransformConfig, load_manifest
+from pipeline.data.decode import decode_image
 from pipeline.data.manifest import FORMAT
 from pipeline.data.order import EpochOrder, Layout
 from pipeline.data.sharding import index_shards
 from pipeline.data.sources import FMNIST_CLASSES, FMNIST_DIR, FashionMNISTSource
 from pipeline.data.tar_io import iter_raw_samples, sha256_of
-from pipeline.data.decode import decode_image
 from pipeline.data.transforms import TrainTransform, crop_box
 from pipeline.stages.shard import shard_fashion_mnist, shard_image_folder
 

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from pipeline.evaluation import (
-    KNNConfig, LinearProbeConfig, knn_accuracy, knn_predict, linear_probe, train_linear_probe,
+    KNNConfig,
+    LinearProbeConfig,
+    knn_accuracy,
+    knn_predict,
+    linear_probe,
+    train_linear_probe,
 )
 
 # Test point (1, 0): cosine 1.0 to the label-0 point, 0.8 to two label-1 points, 0.0 to a label-2 point.

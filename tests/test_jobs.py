@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from pipeline.config import ConfigError
 from pipeline.jobs.k8s import RDZV_PORT, RECIPE_FILE
 from pipeline.jobs.profile import load_profile

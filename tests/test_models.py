@@ -123,9 +123,9 @@ def test_loss_ignores_visible_patches(norm_pix_loss):
     visible_changed[mask == 0] += 100.0 * torch.randn_like(visible_changed[mask == 0])
     assert torch.equal(mae.forward_loss(imgs, visible_changed, mask), loss)
 
-    b, l = (mask == 1).nonzero()[0].tolist()
+    b, token = (mask == 1).nonzero()[0].tolist()
     masked_changed = pred.clone()
-    masked_changed[b, l, 0] += 1.0
+    masked_changed[b, token, 0] += 1.0
     assert not torch.equal(mae.forward_loss(imgs, masked_changed, mask), loss)
 
     # The gradient says the same: zero on visible patches, non-zero on masked ones.

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import PYTHON, REPO, tiny_overrides
+
 from pipeline.checkpoint.state import read_module_state
 
 pytestmark = pytest.mark.slow

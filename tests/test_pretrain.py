@@ -4,9 +4,8 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import PYTHON, tiny_overrides
+from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 

@@ -35,7 +35,7 @@ def eval_config(shards: Path) -> EvalConfig:
                       crop_pct=1.0, linear=LinearProbeConfig(epochs=10, batch_size=64))
 
 
-def test_pretrain_register_evaluate_on_a_real_server(mlflow_server, fmnist_shards, tmp_path, monkeypatch):
+def test_pretrain_register_evaluate_on_a_real_server(mlflow_server, fmnist_shards, tmp_path, monkeypatch):  # noqa: F811
     # Credentials in the tracking URI reach the server but must never be logged. They move into MLflow's
     # variables of this process: removed again after the test.
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)

@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import PYTHON, REPO, tiny_overrides
 
 pytestmark = pytest.mark.slow

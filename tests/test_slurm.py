@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, tiny_overrides
+from slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
+
 from pipeline.checkpoint.state import read_module_state
 from pipeline.jobs.profile import load_profile
 from pipeline.stages.submit import SubmitRequest, render
-from slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 PROFILE = "tests/data/cluster_local.yaml"

@@ -146,7 +146,7 @@ def test_sqlite_default_store_is_wrapped_too(tmp_path):
 
 # --- a real server --------------------------------------------------------------------------------------
 
-def test_logs_to_a_real_server(mlflow_server, tmp_path):
+def test_logs_to_a_real_server(mlflow_server, tmp_path):  # noqa: F811
     logger = make_logger(TrackingConfig(uri=mlflow_server.uri, experiment="server-roundtrip"), "roundtrip")
     logger.log_hyperparams({"optim": {"lr": 0.001}, "seed": 3})
     for step in range(1, 4):
@@ -170,7 +170,7 @@ def test_logs_to_a_real_server(mlflow_server, tmp_path):
     assert browse_command(mlflow_server.uri) == mlflow_server.uri  # the server serves the UI itself
 
 
-def test_server_down_costs_counts_not_time_and_logging_recovers(mlflow_server, tmp_path, caplog):
+def test_server_down_costs_counts_not_time_and_logging_recovers(mlflow_server, tmp_path, caplog):  # noqa: F811
     cooldown = 2.0
     logger = make_logger(TrackingConfig(uri=mlflow_server.uri, experiment="server-outage",
                                         failure_cooldown_s=cooldown), "outage")
@@ -212,7 +212,7 @@ class StopServerAt(L.Callback):
 
 
 @pytest.mark.slow
-def test_training_outlives_the_tracking_server(mlflow_server, fmnist_shards, tmp_path):
+def test_training_outlives_the_tracking_server(mlflow_server, fmnist_shards, tmp_path):  # noqa: F811
     from pipeline.recipe import load_recipe
     from pipeline.stages.train import train as pretrain
 

@@ -6,11 +6,11 @@ from typing import Any
 import lightning as L
 import torch
 
+from .bad_samples import without_samples
 from .config import StreamConfig
+from .device_decode import decode_batch
 from .manifest import Manifest, load_manifest
 from .stream import ShardStream, StreamLoader
-from .bad_samples import without_samples
-from .device_decode import decode_batch
 from .transforms import TrainTransform
 
 

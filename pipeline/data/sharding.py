@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import fsspec
 

@@ -13,8 +13,9 @@ import logging
 import re
 import tarfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import fsspec
 import numpy as np

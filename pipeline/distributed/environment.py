@@ -16,8 +16,9 @@ import logging
 import os
 import re
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from lightning.fabric.plugins.environments import KubeflowEnvironment, SLURMEnvironment
 

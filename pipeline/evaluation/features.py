@@ -7,8 +7,8 @@ shards round-robin; features keep their labels, so their order does not matter.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from PIL import Image

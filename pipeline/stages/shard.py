@@ -1,8 +1,8 @@
 """The shard stage: an image folder or Fashion-MNIST IDX files -> train and held-out shards + manifests."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..console import report
 from ..data.manifest import Manifest

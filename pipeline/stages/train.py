@@ -26,8 +26,8 @@ from ..checkpoint.store import STATE
 from ..console import report
 from ..data.datamodule import ShardDataModule
 from ..data.storage import apply_storage, probe_write
-from ..evaluation.monitor import PretrainMonitor
 from ..distributed import build_strategy, cluster_environment, derive_batch, resolve_layout, world_size
+from ..evaluation.monitor import PretrainMonitor
 from ..guard import ContinueAt, GuardLedger, StepGuard
 from ..objectives.registry import objective_of
 from ..objectives.spec import Training

@@ -10,7 +10,6 @@ from .base import Schedule, StreamTask, sample_seed
 from .config import OptimConfig
 from .optim import build_optimizer
 
-
 _GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685  # splitmix64, as int64
 
 

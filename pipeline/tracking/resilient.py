@@ -27,8 +27,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from .secrets import scrub_text, scrub_url
 
