@@ -66,7 +66,9 @@ def run(o: dict, env: dict, *extra: str, nproc: int = 1, restarts: int = 0) -> s
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--max-restarts",
                str(restarts), "--master-addr", "127.0.0.1", "--master-port", str(free_port()), RUNNER,
                json.dumps(o), *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    from conftest import run_process_tree
+
+    return run_process_tree(cmd, env, timeout=900)  # a hung rank is killed with the run
 
 
 # -- accounting ---------------------------------------------------------------------------------------------

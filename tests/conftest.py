@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,3 +51,19 @@ def child_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def run_process_tree(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """``cmd`` with its output captured. On timeout it and every process it started are killed before
+    ``TimeoutExpired`` propagates: torchrun starts each rank in a session of its own, and ranks stuck in a
+    collective would outlive the caller."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

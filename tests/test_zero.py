@@ -12,10 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from conftest import REPO, run_process_tree, tiny_overrides
 from mlflow_server import free_port
 from s3_server import s3_server  # noqa: F401  (fixture)
 
@@ -30,16 +29,7 @@ def torchrun(overrides: dict, env: dict, *extra: str, nproc: int = 2, program: t
     launch = ("--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(free_port()))
     cmd = [sys.executable, "-m", "torch.distributed.run", *launch, *(program or (RUNNER, json.dumps(overrides))),
            *extra]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:  # ranks stuck in a collective: none may outlive the test (torchrun starts
-        for child in psutil.Process(proc.pid).children(recursive=True):  # each in a session of its own)
-            child.kill()
-        proc.kill()
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_process_tree(cmd, env, timeout)
 
 
 def strategy_overrides(shards: Path, work: Path, stage: int | None, **extra) -> dict[str, str]:

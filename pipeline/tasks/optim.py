@@ -77,8 +77,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, effective_batch: int, to
     return opt, sched
 
 
-
-
 def _resume_fused(optimizer: torch.optim.Optimizer, state: dict) -> dict:
     """A checkpoint of an unfused AdamW (written before the optimizer was fused) resumes fused: its groups take
     this optimizer's flags, so torch loads the step counts onto the parameters' device as the fused kernel wants
