@@ -27,7 +27,7 @@ def distillation_loss(cls_logits: torch.Tensor, dist_logits: torch.Tensor, targe
         return {"loss": (base + other) / 2, "label": base, "distill": other}
     if teacher_logits is None:
         raise ValueError(f"{cfg.kind} distillation needs the teacher's logits")
-    teacher_logits = teacher_logits.detach().to(dist_logits.dtype)
+    teacher_logits, dist_logits = teacher_logits.detach().float(), dist_logits.float()  # softmaxes in fp32
     if cfg.kind == "hard":
         distill = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=-1))
     else:

@@ -27,7 +27,9 @@ def mix(mixup: Mixup | None, imgs: torch.Tensor, labels: torch.Tensor) -> tuple[
 
 def label_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy of logits [B, K] against class indices [B] or soft targets [B, K] (mixup / cutmix,
-    which already carry the smoothing)."""
+    which already carry the smoothing). Computed in fp32, whatever the logits' dtype (bf16 under DeepSpeed's bf16,
+    where no autocast lifts the softmax to fp32)."""
+    logits = logits.float()
     if target.dim() == 2:
         return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
     return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
