@@ -72,6 +72,26 @@ class SpikeLoss(L.Callback):
         pl_module.training_step = training_step  # this run's task only; a rolled-back run builds a new one
 
 
+class InfGradient(L.Callback):
+    """Global rank ``rank``'s gradients of optimizer ``step`` are infinite while its loss stays finite (an
+    overflow in the backward pass): only a gradient check can see it."""
+
+    def __init__(self, step: int, rank: int = 0):
+        self.step, self.rank, self.fired = step, rank, False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        plain = type(pl_module).training_step
+
+        def training_step(batch: Any, batch_idx: int) -> Any:
+            out = plain(pl_module, batch, batch_idx)
+            if not self.fired and trainer.global_step + 1 == self.step and trainer.global_rank == self.rank:
+                out.register_hook(lambda grad: grad * float("inf"))
+                self.fired = True
+            return out
+
+        pl_module.training_step = training_step
+
+
 class Snapshot(L.Callback):
     """Copies of the model's weights and the optimizer's state before and after optimizer ``step``."""
 
@@ -85,6 +105,9 @@ class Snapshot(L.Callback):
         out = {f"w.{k}": v.detach().clone() for k, v in pl_module.state_dict().items() if torch.is_tensor(v)}
         for i, state in enumerate(trainer.optimizers[0].state.values()):
             out.update({f"opt.{i}.{k}": v.detach().clone() for k, v in state.items() if torch.is_tensor(v)})
+        # ZeRO-1/2 with 16-bit weights: this rank's fp32 master partitions
+        for i, part in enumerate(getattr(trainer.optimizers[0], "single_partition_of_fp32_groups", [])):
+            out[f"master.{i}"] = part.detach().clone()
         return out
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:

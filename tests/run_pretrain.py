@@ -16,6 +16,9 @@ Usage: python run_pretrain.py OVERRIDES_JSON [--recipe NAME] [--kill-in-checkpoi
 --no-space-at STEP [--no-space-rank R]: writing the checkpoint of STEP fails with ENOSPC (with a rank: that rank's
     first file of it, inside a DeepSpeed save).
 --stop-server-at-end PID:PORT: when training ends, before the final MLflow status, kill the server.
+--inf-grad-at STEP [--inf-grad-rank R]: rank R's gradients of STEP are infinite, its loss finite.
+--snapshot-at STEP PATH: each rank saves its weights and optimizer state before and after STEP to PATH.rank<R>.pt.
+--profile-step STEP PATH: rank 0 writes the host synchronisations of optimizer step STEP (1-based) to PATH (JSON).
 """
 from __future__ import annotations
 
@@ -26,10 +29,21 @@ import sys
 from pathlib import Path
 
 import lightning as L
-from fault_injection import NoSpaceAt, NoSpaceOnRank, PoisonBatch, SigkillAt, SpikeLoss, StopServerAtEnd
+import torch
+from fault_injection import (
+    InfGradient,
+    NoSpaceAt,
+    NoSpaceOnRank,
+    PoisonBatch,
+    SigkillAt,
+    Snapshot,
+    SpikeLoss,
+    StopServerAtEnd,
+)
 
 from pipeline.recipe import load_recipe
 from pipeline.stages.train import train as pretrain
+from pipeline.tracking.step_profile import StepProfile
 
 
 def _option(name: str) -> str | None:
@@ -114,6 +128,22 @@ if __name__ == "__main__":
         callbacks.append(NoSpaceAt(int(step)) if rank is None else NoSpaceOnRank(int(step), int(rank)))
     if (server := _option("--stop-server-at-end")) is not None:
         callbacks.append(StopServerAtEnd(*map(int, server.split(":"))))
+    if (step := _option("--inf-grad-at")) is not None:
+        callbacks.append(InfGradient(int(step), int(_option("--inf-grad-rank") or 0)))
+    snapshot = profile = None
+    if (step := _option("--snapshot-at")) is not None:
+        snapshot = Snapshot(int(step))
+        callbacks.append(snapshot)
+    if (step := _option("--profile-step")) is not None:
+        profile = StepProfile(first=int(step) - 1)
+        callbacks.append(profile)
     recipe = load_recipe(_option("--recipe") or "mae/tiny_fmnist", overrides)
     result = pretrain(recipe, resume="auto", extra_callbacks=callbacks)
+    rank = int(os.environ.get("RANK", "0"))
+    if snapshot is not None:
+        path = sys.argv[sys.argv.index("--snapshot-at") + 2]
+        torch.save({"before": snapshot.before, "after": snapshot.after}, f"{path}.rank{rank}.pt")
+    if profile is not None and rank == 0:
+        path = sys.argv[sys.argv.index("--profile-step") + 2]
+        Path(path).write_text(json.dumps({"reads": len(profile.scalar_reads()), "syncs": profile.host_syncs()}))
     sys.exit(128 + result.preempted if result.preempted else 0)

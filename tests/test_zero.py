@@ -68,11 +68,20 @@ def runs(fmnist_shards, tmp_path_factory) -> dict:
     out = {}
     for stage in (None, 1, 2, 3):
         work = root / ("ddp" if stage is None else f"zero{stage}")
+        profile = ("--profile-step", "2", str(work / "profile.json")) if stage is None else ()
         proc = torchrun(strategy_overrides(fmnist_shards, work, stage), env, "--engine-report",
-                        str(work / "engine"))
+                        str(work / "engine"), *profile)
         assert proc.returncode == 0, proc.stderr[-4000:]
         out["ddp" if stage is None else stage] = work
     return out
+
+
+def test_a_ddp_step_of_two_processes_reads_nothing_back(runs):
+    """Step 2 neither logs nor checkpoints: with several processes too (the preemption signal, the guard's
+    agreement) nothing is read back to the host."""
+    profile = json.loads((runs["ddp"] / "profile.json").read_text())
+    assert profile["reads"] > 0, "the profile did not cover an optimizer step"
+    assert profile["syncs"] == [], f"host syncs in a 2-process DDP step: {profile['syncs'][:3]}"
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -327,7 +336,8 @@ def test_finetune_under_zero3_evaluates_and_registers_the_trained_weights(runs, 
 
 def test_deit_student_with_a_teacher_under_zero2_equals_ddp(fmnist_shards, tmp_path, child_env):
     """The DeiT task on the same strategies: a soft-distilled student (teacher outside the engine, RandAugment,
-    mixup, drop path) gives the same per-rank losses under ZeRO-2 as under DDP, and both end evaluated."""
+    mixup, drop path) gives the same per-rank losses under ZeRO-2 as under DDP, and all end evaluated. ZeRO-1 in
+    bf16 (the student's weights and the teacher in bf16) trains on the same samples to bf16 accuracy."""
     from pipeline.exports.vit import write_classifier_export
     from pipeline.models.classifier import ViTClassifier
     from pipeline.models.config import ViTConfig
@@ -339,7 +349,9 @@ def test_deit_student_with_a_teacher_under_zero2_equals_ddp(fmnist_shards, tmp_p
                                       {"mean": [0.286] * 3, "std": [0.353] * 3})
     works = {}
     for name, strategy in (("ddp", {"trainer.strategy": "ddp"}),
-                           ("zero2", {"trainer.strategy": "deepspeed", "zero.stage": 2})):
+                           ("zero2", {"trainer.strategy": "deepspeed", "zero.stage": 2}),
+                           ("zero1-bf16", {"trainer.strategy": "deepspeed", "zero.stage": 1,
+                                           "trainer.precision": "bf16-mixed"})):
         work = works[name] = tmp_path / name
         overrides = {"data.train": fmnist_shards / "train", "data.val": fmnist_shards / "val",
                      "trainer.max_steps": 4, "trainer.global_batch": 16, "optim.warmup_steps": 1,
@@ -351,3 +363,48 @@ def test_deit_student_with_a_teacher_under_zero2_equals_ddp(fmnist_shards, tmp_p
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert "deit: held-out top-1" in proc.stdout
     assert_same_losses(traces(works["zero2"]), traces(works["ddp"]), range(1, 5))
+    got, want = traces(works["zero1-bf16"]), traces(works["ddp"])
+    for rank, step in want:
+        assert got[rank, step]["keys"] == want[rank, step]["keys"], (rank, step)
+        assert got[rank, step]["loss"] == pytest.approx(want[rank, step]["loss"], rel=2e-2), (rank, step)
+
+
+def test_bf16_zero2_trains_as_fp32_skips_on_the_device_and_reads_nothing_back(runs, fmnist_shards, tmp_path,
+                                                                              child_env):
+    """ZeRO-2 in bf16 (the large recipes' setting), 2 processes: the batches reach the bf16 weights as bf16 and
+    every step trains on DDP fp32's samples to bf16 accuracy; a step that neither logs nor checkpoints reads
+    nothing back to the host; rank 1's infinite gradients of step 5 (its loss finite) skip the step on both ranks
+    with weights, fp32 masters and moments bitwise unchanged; the monitor's forward passes run in bf16."""
+    work = tmp_path / "bf16"
+    overrides = strategy_overrides(fmnist_shards, work, 2, **{
+        "trainer.precision": "bf16-mixed", "monitor.every_n_steps": STEPS, "monitor.max_train": 100,
+        "monitor.max_val": 50})
+    proc = torchrun(overrides, child_env, "--profile-step", "2", str(work / "profile.json"), "--inf-grad-at", "5",
+                    "--inf-grad-rank", "1", "--snapshot-at", "5", str(work / "snapshot"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    profile = json.loads((work / "profile.json").read_text())
+    assert profile["reads"] > 0, "the profile did not cover an optimizer step"
+    assert profile["syncs"] == [], f"host syncs in a ZeRO-2 bf16 step: {profile['syncs'][:3]}"
+
+    got, want = traces(work), traces(runs["ddp"])
+    for rank in (0, 1):
+        for step in range(1, STEPS + 1):
+            assert got[rank, step]["keys"] == want[rank, step]["keys"], (rank, step)
+            if step <= 5:  # step 6 follows the skipped step 5
+                assert got[rank, step]["loss"] == pytest.approx(want[rank, step]["loss"], rel=2e-2), (rank, step)
+
+    events = [json.loads(line) for line in (work / "ckpt" / "guard_events.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["step"]) for e in events] == [("skipped", 5)]
+    for rank in (0, 1):
+        snap = torch.load(work / f"snapshot.rank{rank}.pt")
+        before, after = snap["before"], snap["after"]
+        assert any(k.startswith("master.") for k in before) and before.keys() == after.keys()
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert changed == [], f"rank {rank}: the skipped step changed {changed[:5]}"
+        assert any(v.dtype == torch.bfloat16 for k, v in before.items() if k.startswith("w."))
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "monitor/knn_top1")] == [STEPS]

@@ -41,6 +41,12 @@ class PreemptionCheckpoint(L.Callback):
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
         self._last_step = trainer.global_step
+        # With several processes Lightning broadcasts its SIGTERM flag from rank 0 before every batch and reads
+        # it back: a collective and a host synchronisation per micro-batch. Its handler is replaced above, so the
+        # flag it broadcasts can no longer be set; the ranks agree on a signal here, at logging steps.
+        loop = trainer.fit_loop.epoch_loop
+        if hasattr(loop, "_broadcast_sigterm_tensor"):
+            loop._broadcast_sigterm_tensor = lambda: None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

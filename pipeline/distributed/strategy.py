@@ -26,12 +26,13 @@ class ZeroConfig:
     stage3_prefetch_bucket_size: int = 50_000_000
 
 
-def build_strategy(name: str, zero: ZeroConfig) -> Any:
-    """A Lightning strategy object or name; ``auto`` lets Lightning pick (single device on one process)."""
+def build_strategy(name: str, zero: ZeroConfig, device_skips: bool = False) -> Any:
+    """A Lightning strategy object or name; ``auto`` lets Lightning pick (single device on one process).
+    ``device_skips``: the training guard skips non-finite steps on the device (ZeRO need not check them)."""
     if name == "deepspeed":
         from .zero import ZeroStrategy
 
-        strategy = ZeroStrategy(stage=zero.stage, offload_optimizer=zero.offload_optimizer,
+        strategy = ZeroStrategy(device_skips=device_skips, stage=zero.stage, offload_optimizer=zero.offload_optimizer,
                                 offload_parameters=zero.offload_parameters,
                                 allgather_bucket_size=zero.allgather_bucket_size,
                                 reduce_bucket_size=zero.reduce_bucket_size, overlap_comm=zero.overlap_comm,

@@ -20,13 +20,21 @@ from lightning.pytorch.strategies.deepspeed import _validate_device_index_select
 
 from ..checkpoint.shared_fs import folder_owner
 from ..checkpoint.state import DEEPSPEED_TAG
+from . import zero_sync
 from .reshard import UNIVERSAL_TAG, ensure_universal, repair_stage3_universal_load, saved_world_size
 
 log = logging.getLogger(__name__)
 
 
 class ZeroStrategy(DeepSpeedStrategy):
+    """``device_skips``: the training guard skips non-finite steps on the device, so ZeRO-1/2 in bf16 is set to
+    step without its own checks, and without reading anything back to the host (``zero_sync``)."""
+
     strategy_name = "vitpipe_deepspeed"
+
+    def __init__(self, *args: Any, device_skips: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.device_skips = device_skips
 
     @property
     def _on_cuda(self) -> bool:
@@ -48,10 +56,14 @@ class ZeroStrategy(DeepSpeedStrategy):
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
         import deepspeed
 
+        bf16 = self.config.get("bf16") or {}
+        if self.device_skips and bf16.get("enabled") and self.config["zero_optimization"]["stage"] in (1, 2):
+            bf16["check_grad_overflow"] = False  # the guard's check, on the device, takes its place
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             args=argparse.Namespace(device_rank=self._device_rank()), config=self.config, model=model,
             model_parameters=filter(lambda p: p.requires_grad, model.parameters()), optimizer=optimizer,
             lr_scheduler=lr_scheduler, dist_init_required=False)
+        zero_sync.install(engine.optimizer)
         return engine, ds_optimizer
 
     def _device_rank(self) -> int | None:

@@ -3,8 +3,9 @@ a rollback when the loss spikes or skipped steps pile up.
 
 A step is skipped on the device, without reading anything back: the flag goes to the fused AdamW kernel as
 its ``found_inf`` (the mechanism of torch's GradScaler), which then leaves weights, moments and step count
-bitwise as they were; under DeepSpeed the client optimizer inside ZeRO takes the same flag, and ZeRO's own
-check skips a non-finite gradient norm. The weight average (EMA) skips with it. Each step's flag and loss go
+bitwise as they were; under DeepSpeed the client optimizer inside ZeRO takes the same flag. ZeRO-1/2 in bf16
+leaves the gradient check to the guard too (``distributed.zero_sync``): its norm joins the flag on the device,
+just before the client optimizer steps; elsewhere ZeRO's own check skips a non-finite gradient norm. The weight average (EMA) skips with it. Each step's flag and loss go
 into a device-side record, read back once per logging step (a step that synchronises anyway), where the
 host-side ``Detector`` judges them, the skipped steps' sample keys are named, and a rollback is decided.
 """
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import MLFlowLogger
 
 from ..checkpoint.store import STEP_DIR, newest_sound
+from ..distributed import zero_sync
 from ..distributed.gather import every_rank
 from ..errors import RunStopped
 from .config import GuardConfig
@@ -91,6 +93,7 @@ class StepGuard(L.Callback):
         self.applied: torch.Tensor | None = None
         self._trainer: L.Trainer | None = None
         self._pending: Verdict | None = None  # found at a checkpoint, acted on at the next logging step
+        self._hook: Any = None  # under ZeRO-1/2 in bf16: the client optimizer's pre-step hook
         self._recent: dict[int, list[str]] = {}  # this rank's sample keys of the last ``window`` steps judged
 
     @property
@@ -120,6 +123,19 @@ class StepGuard(L.Callback):
         engine = getattr(trainer.strategy, "deepspeed_engine", None)
         self._engine = engine
         self._ds_skipped = engine.skipped_steps if engine is not None else 0
+        self._slot = 0  # the record's row of the step being taken
+        if self.skips and engine is not None and zero_sync.leaves_skips_to_the_client(engine.optimizer):
+            self._zero = engine.optimizer  # steps whatever its norm: the flag takes the norm in, on the device
+            self._hook = self._opt.register_step_pre_hook(self._fold_zero_norm)
+
+    def _fold_zero_norm(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Before the client optimizer steps inside ZeRO: a non-finite gradient norm of this step (ZeRO's, the
+        same on every rank) skips it too. Runs once per parameter group; taking the maximum makes that harmless."""
+        bad = (~torch.isfinite(zero_sync.step_norm(self._zero))).float().to(self.found_inf.device)
+        self.found_inf.copy_(torch.maximum(self.found_inf, bad))
+        self.applied.copy_(1.0 - self.found_inf.to(self.applied.device))
+        row = self._record[self._slot]
+        row[0] = torch.maximum(row[0], bad.to(row.device))
 
     def _opt_device(self, fallback: torch.device) -> torch.device:
         for group in self._opt.param_groups:
@@ -147,7 +163,8 @@ class StepGuard(L.Callback):
         skip = (row[0] > 0).float()
         self.found_inf.copy_(skip)
         self.applied.copy_(1.0 - skip)
-        self._record[trainer.global_step % len(self._keys)].copy_(torch.cat([row, self._bad_loss.view(1)]))
+        self._slot = trainer.global_step % len(self._keys)
+        self._record[self._slot].copy_(torch.cat([row, self._bad_loss.view(1)]))
         self._bad_loss.zero_()
         self._loss.zero_()
 
@@ -261,6 +278,9 @@ class StepGuard(L.Callback):
             f.write(json.dumps(record) + "\n")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         if self.rollback is None:
             self._observe(trainer)  # the steps since the last logging step
         logger = next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)

@@ -34,10 +34,11 @@ from ..objectives.spec import Training
 from ..recipe import RunRecipe
 from ..tasks import Schedule
 from ..tracking import resolve_uri
-from ..tracking.callbacks import DataWait, SampleTrace, SystemMetrics
+from ..tracking.callbacks import DataWait, SystemMetrics
 from ..tracking.final_status import keep as keep_final_status
 from ..tracking.mlflow_setup import tracking_failures
 from ..tracking.progress import progress_callbacks
+from ..tracking.sample_trace import SampleTrace
 from ..tracking.secrets import scrub_url
 from ..tracking.throughput import Throughput
 from .run_record import RunRecord, TrainResult
@@ -200,7 +201,8 @@ def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: S
         callbacks.extend([saver, preemption])
     trainer = L.Trainer(
         accelerator=tr.accelerator, devices=layout.devices, num_nodes=layout.num_nodes,
-        strategy=build_strategy(tr.strategy, recipe.zero), plugins=[cluster] if cluster else None,
+        strategy=build_strategy(tr.strategy, recipe.zero, device_skips=guard is not None and guard.skips),
+        plugins=[cluster] if cluster else None,
         precision=tr.precision,
         max_steps=plan.schedule.total_steps, max_epochs=-1, accumulate_grad_batches=plan.accumulate,
         gradient_clip_val=None if guard is not None and guard.owns_clipping else recipe.optim.grad_clip,

@@ -1,7 +1,7 @@
-"""Callbacks that send what training produces to MLflow (images) or to a trace file (sample keys)."""
+"""Callbacks that measure training and send what it produces to MLflow: reconstruction images, system metrics,
+the time the loop waits for data."""
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -39,27 +39,6 @@ class ReconstructionImages(L.Callback):
             path = Path(tmp) / f"reconstruction_step{step:08d}.png"
             save_image(grid, path, nrow=3, padding=1)
             logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="reconstructions")
-
-
-class SampleTrace(L.Callback):
-    """Appends one JSON line per training batch: global step, loss and the sample keys it held.
-
-    Used to audit what each step saw (and by the resume tests to compare runs step by step)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-
-    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
-        if trainer.world_size > 1:  # one file per rank: ranks never interleave lines
-            self.path = self.path.with_name(f"{self.path.stem}.rank{trainer.global_rank}{self.path.suffix}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int):
-        loss = outputs["loss"].item() if isinstance(outputs, dict) else float(outputs)
-        record = {"step": trainer.global_step, "rank": trainer.global_rank, "epoch": trainer.current_epoch,
-                  "loss": loss, "keys": list(batch.get("key", []))}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 class SystemMetrics(L.Callback):

@@ -1,0 +1,73 @@
+"""ZeRO-1/2 optimizer steps in bf16 that read nothing back to the host.
+
+DeepSpeed 0.19's ZeRO-1/2 step reads its gradient norm back to Python six times a step in bf16 with clipping
+(measured with ``tracking.step_profile``): its overflow check, a test of the norm before stepping, the fill of
+a non-finite group norm (``masked_fill_`` with a device tensor as the value, once per parameter group) and the
+clipping's test of the norm (once per group). On a GPU each read stops the host until the device has run the
+whole backward pass, so the next step's kernels are not queued while the optimizer runs.
+
+When the training guard skips non-finite steps on the device (``guard.callback``), those checks are redundant:
+
+- ``bf16.check_grad_overflow: false`` (``ZeroStrategy``) drops the overflow check and the norm test;
+- the fill of a non-finite norm takes a Python number, which ``masked_fill_`` does not read back;
+- clipping computes its coefficient on the device, a non-finite norm counting as infinite, as DeepSpeed's does.
+
+The guard then reads DeepSpeed's norm of the step (infinite when any gradient is not finite) on the device,
+just before the client optimizer steps (``fold_zero_norm``). fp16 keeps DeepSpeed's loss scaler and ZeRO-3 its
+own step. DeepSpeed is pinned below 0.20 in pyproject; ``tests/test_zero.py`` profiles a step.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+
+def fill_non_finite(input: torch.Tensor, device: Any = None, val: float = -1.0) -> None:
+    """``input`` with its NaN and infinite entries set to ``val``, in place: DeepSpeed's
+    ``mask_nan_or_inf_with_val_inplace`` without reading a device value back (the fill is a Python float)."""
+    input.masked_fill_(~torch.isfinite(input), val)
+
+
+def clip_on_device(optimizer: Any, grad_groups_flat: list, total_norm: torch.Tensor) -> None:
+    """The ZeRO optimizer's ``unscale_and_clip_grads``, computed on the device: the flat gradient partitions
+    divided by the loss scale times the clipping coefficient max(1, (norm / scale + 1e-6) / clip); a negative
+    (invalid) or non-finite norm counts as infinite, which zeroes the gradients of a step the guard skips."""
+    scale = optimizer.loss_scale
+    if optimizer.clip_grad > 0.0:
+        inf = torch.full_like(total_norm, float("inf"))
+        norm = torch.where(torch.isfinite(total_norm) & (total_norm >= 0), total_norm, inf)
+        scale = torch.clamp((norm / scale + 1e-6) / optimizer.clip_grad, min=1.0) * scale
+    elif scale == 1.0:
+        return
+    for grad in grad_groups_flat:
+        for g in grad if isinstance(grad, list) else [grad]:
+            g.data.div_(scale)
+
+
+def install(optimizer: Any) -> bool:
+    """Make the steps of ``optimizer`` (DeepSpeed's ZeRO-1/2 optimizer, bf16, overflow check off) free of host
+    reads; False (nothing changed) for any other optimizer."""
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    if (not isinstance(optimizer, stage_1_and_2.DeepSpeedZeroOptimizer) or optimizer.dtype != torch.bfloat16
+            or optimizer.check_grad_overflow or optimizer.cpu_offload):
+        return False
+    # a module global of DeepSpeed's: the helper is called by name from the ZeRO-1/2 optimizer's norm
+    stage_1_and_2.mask_nan_or_inf_with_val_inplace = fill_non_finite
+    optimizer.unscale_and_clip_grads = functools.partial(clip_on_device, optimizer)  # shadows the method
+    optimizer.sync_free_step = True
+    return True
+
+
+def leaves_skips_to_the_client(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is a ZeRO optimizer that ``install`` changed: it steps whatever its norm, and the
+    client optimizer must skip a non-finite step itself."""
+    return getattr(optimizer, "sync_free_step", False)
+
+
+def step_norm(optimizer: Any) -> torch.Tensor:
+    """The global gradient norm of the step being taken, on the device: set by the ZeRO-1/2 step before it calls
+    the client optimizer, the same on every rank (all-reduced), infinite when any gradient is not finite."""
+    return optimizer._global_grad_norm
