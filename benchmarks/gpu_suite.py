@@ -5,10 +5,12 @@ profiled step of the fastest MAE configuration.
 
 Rows: MAE ViT-L/16 model only (batches decoded once, then replayed from memory: what the model and the
 training loop reach without the loader) at each ``--batches`` size, and through the loader at the fastest of
-them (GPU decode where a GPU is); DeiT-B/16 model only (no teacher). Throughput leaves out the first logging
-window (compilation, allocator warm-up), as a run's summary does.
+them (GPU decode where a GPU is), again without the guard and again under the recipe's ZeRO-2 (on one device:
+what DeepSpeed's step costs); DeiT-B/16 model only (no teacher). All in bf16-mixed. Throughput leaves out the
+first logging window (compilation, allocator warm-up), as a run's summary does.
 
-``--cpu-smoke`` runs the same steps with tiny models on the CPU, in seconds: the suite's own test.
+``--cpu-smoke`` runs the same steps with tiny models on the CPU (bf16 there too), in seconds: the suite's own
+test.
 
     benchmarks/gpu_suite.sh [--wheels DIR] [--cpu-smoke]      # the script that installs what is missing first
     python benchmarks/gpu_suite.py [--batches 256,384] [--steps 40] [--window 10] [--no-compile] [--cpu-smoke]
@@ -125,7 +127,7 @@ def overrides(args: argparse.Namespace, work: Path, batch: int, mae: bool, model
     out = {"data.train": str(work / "shards" / "train"), "data.val": str(work / "shards" / "train"),
            "data.num_workers": args.workers, "data.decode": "gpu" if not model_only else "cpu",
            "trainer.accelerator": "gpu" if gpu else "cpu", "trainer.devices": 1, "trainer.num_nodes": 1,
-           "trainer.strategy": args.strategy, "trainer.precision": "bf16-mixed" if gpu else "32-true",
+           "trainer.strategy": args.strategy, "trainer.precision": "bf16-mixed",  # also in the CPU smoke
            "trainer.global_batch": batch, "trainer.micro_batch": None, "trainer.max_steps": args.steps + 1,
            "trainer.log_every_n_steps": args.window, "trainer.compile": not args.no_compile,
            "checkpoint.enabled": False, "tracking.uri": f"sqlite:///{work / 'mlflow.db'}",
@@ -195,12 +197,16 @@ def main() -> None:
     recipe = load_recipe(mae_recipe, {**overrides(args, work, best, mae=True, model_only=True),
                                       "trainer.guard.enabled": False})
     rows.append(("MAE ViT-L/16, model only, guard off", best, run_row(recipe, True, None)))
+    if args.strategy != "deepspeed":  # the recipe's own strategy, on one device: what DeepSpeed's step costs
+        recipe = load_recipe(mae_recipe, {**overrides(args, work, best, mae=True, model_only=True),
+                                          "trainer.strategy": "deepspeed", "zero.stage": 2})
+        rows.append(("MAE ViT-L/16, model only, ZeRO-2", best, run_row(recipe, True, None)))
     recipe = load_recipe(mae_recipe, overrides(args, work, best, mae=True, model_only=False))
     rows.append(("MAE ViT-L/16, through the loader", best, run_row(recipe, False, None)))
     recipe = load_recipe(deit_recipe, overrides(args, work, args.deit_batch, mae=False, model_only=True))
     rows.append(("DeiT-B/16, model only", args.deit_batch, run_row(recipe, True, None)))
 
-    print(f"\nvitpipe GPU suite on {device}: {'bf16-mixed' if torch.cuda.is_available() else 'fp32'}, "
+    print(f"\nvitpipe GPU suite on {device}: bf16-mixed, "
           f"strategy {args.strategy}, compile {not args.no_compile}, {args.steps} steps per row, figures over "
           f"the logging windows after the first ({args.window} steps each)")
     print("| row | batch | images/s | TFLOP/s | MFU | peak memory | data wait | wall |")
