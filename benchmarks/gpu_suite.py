@@ -105,16 +105,27 @@ class Replay:
 
 
 class Collect(L.Callback):
-    """The run's figures, steady state: the Throughput windows after the first, data wait, peak memory."""
+    """The run's figures, steady state, after its ``measured`` steps (the two after them are the profiled one
+    and one more, so that the profiled step is not the run's last): the Throughput windows after the first,
+    data wait, peak memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, measured: int) -> None:
+        self.measured = measured
         self.row: dict[str, Any] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int):
+        if trainer.global_step == self.measured and not self.row:
+            self._collect(trainer)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if not self.row:
+            self._collect(trainer)
+
+    def _collect(self, trainer: L.Trainer) -> None:
         throughput = next(c for c in trainer.callbacks if isinstance(c, Throughput))
         wait = next(c for c in trainer.callbacks if isinstance(c, DataWait)).fraction()
         self.row = throughput.steady_figures(trainer.world_size) or {}
@@ -128,7 +139,7 @@ def overrides(args: argparse.Namespace, work: Path, batch: int, mae: bool, model
            "data.num_workers": args.workers, "data.decode": "gpu" if not model_only else "cpu",
            "trainer.accelerator": "gpu" if gpu else "cpu", "trainer.devices": 1, "trainer.num_nodes": 1,
            "trainer.strategy": args.strategy, "trainer.precision": "bf16-mixed",  # also in the CPU smoke
-           "trainer.global_batch": batch, "trainer.micro_batch": None, "trainer.max_steps": args.steps + 1,
+           "trainer.global_batch": batch, "trainer.micro_batch": None, "trainer.max_steps": args.steps + 2,
            "trainer.log_every_n_steps": args.window, "trainer.compile": not args.no_compile,
            "checkpoint.enabled": False, "tracking.uri": f"sqlite:///{work / 'mlflow.db'}",
            "tracking.experiment": "vitpipe-gpu-suite", "register.name": None}
@@ -144,7 +155,7 @@ def overrides(args: argparse.Namespace, work: Path, batch: int, mae: bool, model
 
 
 def run_row(recipe: RunRecipe, model_only: bool, profile: StepProfile | None) -> dict[str, Any]:
-    collect = Collect()
+    collect = Collect(recipe.trainer.max_steps - 2)
     extra = [collect] + ([profile] if profile else [])
     start = time.perf_counter()
     if model_only:
@@ -160,6 +171,15 @@ def run_row(recipe: RunRecipe, model_only: bool, profile: StepProfile | None) ->
 
 def fmt(value: Any, spec: str, scale: float = 1.0, unit: str = "") -> str:
     return "n/a" if value is None else format(value * scale, spec) + unit
+
+
+def print_waits(profile: StepProfile, shown: int = 5) -> None:
+    """The profiled step does not log: where it made the host wait for the device (on a GPU, every CUDA
+    synchronisation; on a CPU, the reads of a value), with the Python frames of the first few."""
+    waits = profile.device_waits() if torch.cuda.is_available() else profile.host_syncs()
+    print(f"\nhost waits for the device in that step (it does not log): {len(waits)}")
+    for chain, _ in waits[:shown]:
+        print("  " + " <- ".join(name for name in chain if "(" in name or name.startswith("aten::"))[:600])
 
 
 def main() -> None:
@@ -189,7 +209,8 @@ def main() -> None:
     rows: list[tuple[str, int, dict[str, Any]]] = []
     profiles: dict[int, StepProfile] = {}
     for batch in (int(b) for b in args.batches.split(",")):
-        profiles[batch] = StepProfile(first=args.steps)  # one more step, after the last measured window
+        # the step after the last measured window, which does not log, and is not the run's last
+        profiles[batch] = StepProfile(first=args.steps)
         recipe = load_recipe(mae_recipe, overrides(args, work, batch, mae=True, model_only=True))
         rows.append(("MAE ViT-L/16, model only", batch, run_row(recipe, True, profiles[batch])))
     best = max(rows, key=lambda r: r[2].get("perf/images_per_s", 0))[1]
@@ -218,6 +239,7 @@ def main() -> None:
               f"{r['wall_s']:.0f} s |")
     print(f"\ntop operators of one step (after the measured ones), MAE ViT-L/16 model only, batch {best}:")
     print(profiles[best].table(10))
+    print_waits(profiles[best])
 
 
 if __name__ == "__main__":

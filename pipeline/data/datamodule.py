@@ -59,7 +59,9 @@ class ShardDataModule(L.LightningDataModule):
             # Lightning casts a batch to the precision's input dtype before this hook, when the images were
             # still uint8: cast the floats now (bf16 under DeepSpeed's bf16, whose weights are bf16; autocast
             # and fp32 leave them as they are).
-            batch["image"] = self.trainer.precision_plugin.convert_input(batch["image"])
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None:
+                batch["image"] = trainer.precision_plugin.convert_input(batch["image"])
         return batch
 
     def state_dict(self) -> dict[str, Any]:

@@ -45,7 +45,7 @@ def decode_batch(batch: dict[str, Any], transform: TrainTransform) -> tuple[torc
     failed: dict[int, str] = {}
     if not todo:
         return images, failed
-    boxes, flips = batch["box"].tolist(), batch["flip"].tolist()
+    boxes, flips = batch["box"], batch["flip"]  # host lists (the collate's): no read of the device
     size = tuple(transform.cfg.image_size)
     device = images.device
     data = [torch.frombuffer(bytearray(batch["encoded"][i]), dtype=torch.uint8) for i in todo]

@@ -131,7 +131,7 @@ class RunReader:
 
 
 class ShardStream(IterableDataset):
-    """Yields whole batches {"image" uint8 [b,3,H,W], "erase" [b,5], "label" [b], "key" list[str], "skipped" int,
+    """Yields whole batches {"image" uint8 [b,3,H,W], "erase" b x 5 ints, "label" [b], "key" list[str], "skipped" int,
     "bad" list of (key, reason)} (see ``_collate``): b is the batch size less the bad samples, which are named
     in "bad" and counted in "skipped".
 
@@ -235,9 +235,11 @@ class ShardStream(IterableDataset):
         return key, Decoded(x, erase, label)
 
     def _collate(self, batch: list[tuple[str, Decoded | str]]) -> dict[str, Any]:
-        """{"image": uint8 [b, 3, H, W], "erase": [b, 5] random-erasing boxes, "label" [b], ...}: the training
-        process standardises on its device (``ShardDataModule.on_after_batch_transfer``). With device decode,
-        also "encoded" (a JPEG's bytes, or None where the image is already decoded), "box" [b, 4], "flip" [b]."""
+        """{"image": uint8 [b, 3, H, W], "erase": b random-erasing boxes (5 ints each), "label" [b], ...}: the
+        training process standardises on its device (``ShardDataModule.on_after_batch_transfer``). With device
+        decode, also "encoded" (a JPEG's bytes, or None where the image is already decoded), "box" (b crop boxes
+        of 4 ints), "flip" (b bools). The per-sample parameters are lists: they stay on the host when the batch
+        moves to the device, where reading them would stop the host every step."""
         good = [(key, item) for key, item in batch if not isinstance(item, str)]
         bad = [(key, item) for key, item in batch if isinstance(item, str)]
         h, w = self.cfg.transform.image_size
@@ -245,13 +247,12 @@ class ShardStream(IterableDataset):
         for i, (_, d) in enumerate(good):
             if d.image is not None:
                 images[i] = d.image
-        out = {"image": images, "erase": torch.tensor([d.erase for _, d in good], dtype=torch.long).view(-1, 5),
+        out = {"image": images, "erase": [tuple(d.erase) for _, d in good],
                "label": torch.tensor([d.label for _, d in good], dtype=torch.long),
                "key": [key for key, _ in good], "skipped": len(bad), "bad": bad}
         if self.cfg.decode == "gpu":
             out |= {"encoded": [d.encoded for _, d in good],
-                    "box": torch.tensor([d.box for _, d in good], dtype=torch.long).view(-1, 4),
-                    "flip": torch.tensor([d.flip for _, d in good], dtype=torch.bool)}
+                    "box": [tuple(d.box) for _, d in good], "flip": [bool(d.flip) for _, d in good]}
         return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,18 +103,29 @@ def paint_erase(x: torch.Tensor, box: tuple[int, int, int, int, int]) -> torch.T
 
 class DeviceNormalise:
     """Where the batch is (the training device): uint8 images [b, 3, H, W] -> fp32 standardised (as
-    ``Normalise``), with each sample's random erasing (rows of ``erase`` [b, 5], see ``erase_box``) painted."""
+    ``Normalise``), with each sample's random erasing (rows of ``erase``, b rows of 5 ints on the host, see
+    ``erase_box``) painted.
+
+    Nothing here reads the device or copies to it with a wait: the erase rows stay on the host (a row read
+    back from a GPU would stop the host every step) and mean and std move to a device once (a blocking copy to a
+    GPU waits for the work queued before it)."""
 
     def __init__(self, mean, std):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, images: torch.Tensor, erase: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, erase: Sequence[Sequence[int]] | torch.Tensor | None = None
+                 ) -> torch.Tensor:
         if images.dtype != torch.uint8:
             raise TypeError(f"expected uint8 images from the loader, got {images.dtype}")
-        x = (images.float().div_(255.0) - self.mean.to(images.device)) / self.std.to(images.device)
+        if images.device not in self._on:
+            self._on[images.device] = (self.mean.to(images.device), self.std.to(images.device))
+        mean, std = self._on[images.device]
+        x = (images.float().div_(255.0) - mean) / std
         if erase is not None:
-            for i, row in enumerate(erase.tolist()):  # [5] ints; a few boxes per batch at most draw noise
+            rows = erase.tolist() if isinstance(erase, torch.Tensor) else erase  # a tensor: callers on the CPU
+            for i, row in enumerate(rows):  # [5] ints; a few boxes per batch at most draw noise
                 paint_erase(x[i], tuple(row))
         return x
 
@@ -142,7 +154,7 @@ class TrainTransform:
         """The whole transform on the host: standardised float [3, H, W] (what ``sample`` and
         ``DeviceNormalise`` give together)."""
         x, erase = self.sample(img, rng)
-        return self.finish(x[None], torch.tensor([erase]))[0]
+        return self.finish(x[None], [erase])[0]
 
     def draws(self, width: int, height: int, rng: random.Random) -> Draws:
         """The sample's random choices for an image of ``width`` x ``height`` (its header is enough)."""

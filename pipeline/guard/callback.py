@@ -117,6 +117,8 @@ class StepGuard(L.Callback):
         self._loss = torch.zeros((), device=device)
         # per step of the logging window: [skipped (any rank), mean loss over ranks, this rank's loss non-finite]
         self._record = torch.zeros(n, 3, device=device)
+        # what the all-reduced [skipped, loss] is divided by: made once (a copy to a GPU waits for its queue)
+        self._divisor = torch.tensor([1.0, float(trainer.world_size)], device=device)
         self._keys: list[list[str]] = [[] for _ in range(n)]  # this rank's sample keys of each of those steps
         self._done = trainer.global_step  # steps the detector has seen
         self._stepped = trainer.global_step
@@ -159,7 +161,7 @@ class StepGuard(L.Callback):
         row = torch.stack([bad, self._loss])  # [2]
         if trainer.world_size > 1:  # every rank skips if any rank must; the loss becomes the mean over ranks
             dist.all_reduce(row)
-            row = row / torch.tensor([1.0, float(trainer.world_size)], device=row.device)
+            row = row / self._divisor
         skip = (row[0] > 0).float()
         self.found_inf.copy_(skip)
         self.applied.copy_(1.0 - skip)

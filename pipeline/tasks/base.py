@@ -13,6 +13,7 @@ import torch
 
 from ..data.bad_samples import BadSampleTally, judge_bad_samples, too_many_bad
 from ..distributed.gather import every_rank
+from ..tracking.device_log import log_number
 
 
 def sample_seed(seed: int, epoch: int, key: str) -> int:
@@ -60,9 +61,9 @@ class StreamTask(L.LightningModule):
         return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
-        self.log("data/skipped_samples", float(batch.get("skipped", 0)), reduce_fx="sum", sync_dist=True,
-                 on_step=False, on_epoch=True, batch_size=1)
+        log_number(self, "train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+        log_number(self, "data/skipped_samples", batch.get("skipped", 0), reduce_fx="sum", sync_dist=True,
+                   on_step=False, on_epoch=True, batch_size=1)
         self._bad.add(batch)
         self._batches += 1
         # The last batch of each logging step: the same batch on every rank, and a step that syncs anyway.

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..models.deit import DistilledViT
 from ..models.vit import ViTEncoder
+from ..tracking.device_log import log_number
 from .base import Schedule
 from .config import DeiTConfig, OptimConfig
 from .distill import distillation_loss
@@ -39,7 +40,7 @@ class DeiTTask(SupervisedTask):
         if self._teacher:
             start = time.perf_counter()
             teacher_logits = self._teacher[0](imgs)
-            self.log("perf/teacher_s", time.perf_counter() - start, batch_size=1)
+            log_number(self, "perf/teacher_s", time.perf_counter() - start, batch_size=1)
         cls, dist = self.model.both_logits(imgs)
         parts = distillation_loss(cls, dist, target, teacher_logits, self.cfg.distill, self.label_smoothing)
         self.log("train/loss_label", parts["label"], batch_size=imgs.shape[0])

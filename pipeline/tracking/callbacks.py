@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from torchvision.utils import save_image
 
+from .device_log import log_number
+
 
 class ReconstructionImages(L.Callback):
     """Every N steps, log a grid of (input | masked | reconstruction) rows as an MLflow image artifact."""
@@ -93,7 +95,7 @@ class DataWait(L.Callback):
             return
         (t0, w0), (t1, w1) = self.last, now
         self.last = now
-        pl_module.log("perf/data_wait_frac", (w1 - w0) / max(t1 - t0, 1e-9), batch_size=1)
+        log_number(pl_module, "perf/data_wait_frac", (w1 - w0) / max(t1 - t0, 1e-9), batch_size=1)
 
     def fraction(self) -> tuple[float, float] | None:
         """(waited seconds, the loop's seconds) since training started; None before."""

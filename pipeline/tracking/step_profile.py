@@ -17,6 +17,10 @@ SCALAR_READ = "aten::_local_scalar_dense"
 # Kernels whose CPU implementation reads a scalar argument back, where the CUDA one keeps it on the device: the
 # fused AdamW's step counter.
 CPU_KERNEL_READS = ("aten::_fused_adamw_", "aten::_fused_adam_")
+# CUDA runtime calls in which the host waits for the device: what a read back (``.item()``, ``.tolist()``), a
+# blocking copy to the device (``torch.tensor(x, device=cuda)``, ``.to(cuda)``), a size read (``nonzero``) and
+# an explicit synchronisation all end in. Only a GPU profile shows the copies; a CPU one has no such calls.
+CUDA_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 # Callbacks that read a value every step by design, when a user turns them on: the sample trace (an audit).
 AUDIT_FILES = ("pipeline/tracking/sample_trace.py",)
 
@@ -48,19 +52,29 @@ class StepProfile(L.Callback):
         self._prof.__exit__(None, None, None)
         self.events, self._prof = self._prof.events(), None
 
-    def scalar_reads(self) -> list[tuple[list[str], list[str]]]:
-        """Each value read back in the profiled steps: (its chain of calling operators, innermost first; the
-        Python frames that issued it)."""
-        reads = []
+    def _calls(self, names: tuple[str, ...]) -> list[tuple[list[str], list[str]]]:
+        """Each event of the profiled steps named in ``names``: (its chain of calling operators and Python
+        frames, innermost first; its own Python stack)."""
+        found = []
         for event in self.events or []:
-            if event.name != SCALAR_READ:
+            if event.name not in names:
                 continue
             chain, parent = [], event.cpu_parent
             while parent is not None:
                 chain.append(parent.name)
                 parent = parent.cpu_parent
-            reads.append((chain, list(event.stack or [])))
-        return reads
+            found.append((chain, list(event.stack or [])))
+        return found
+
+    def scalar_reads(self) -> list[tuple[list[str], list[str]]]:
+        """Each value read back in the profiled steps (``aten::_local_scalar_dense``)."""
+        return self._calls((SCALAR_READ,))
+
+    def device_waits(self) -> list[tuple[list[str], list[str]]]:
+        """On a GPU, each CUDA call of the profiled steps in which the host waited for the device
+        (``CUDA_WAITS``), the audits' left out; none on a CPU."""
+        return [(chain, stack) for chain, stack in self._calls(CUDA_WAITS)
+                if not any(f in name for name in chain for f in AUDIT_FILES)]
 
     def host_syncs(self) -> list[tuple[list[str], list[str]]]:
         """The reads that would stop the host on a GPU: all but those inside ``CPU_KERNEL_READS``, which read
