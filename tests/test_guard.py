@@ -205,3 +205,21 @@ def test_ddp_zero2_and_zero3_agree_on_every_guard_event(fmnist_shards, tmp_path,
             assert got["keys"] == rec["keys"], (name, rank, step)
             if step != 3:
                 assert got["loss"] == pytest.approx(rec["loss"], rel=1e-4, abs=1e-6), (name, rank, step)
+
+
+def test_zero_accumulating_micro_batches_judges_whole_steps(fmnist_shards, tmp_path, child_env):
+    """ZeRO-2 in bf16 with 2 micro-batches per step on each of 2 processes: Lightning calls the guard's step
+    hook for every micro-batch (DeepSpeed accumulates), and the guard judges the whole step at its last one. A
+    NaN first micro-batch on rank 1 skips step 3 on both ranks, naming rank 1's samples of both micro-batches."""
+    from test_zero import strategy_overrides, torchrun
+
+    work = tmp_path / "accumulate"
+    overrides = strategy_overrides(fmnist_shards, work, 2, **GUARD, **{
+        "trainer.max_steps": 4, "trainer.micro_batch": 4, "trainer.precision": "bf16-mixed",
+        "checkpoint.every_n_steps": 4})
+    proc = torchrun(overrides, child_env, "--poison-at", "3", "--poison-rank", "1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in (work / "trace.rank1.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and all(len(r["keys"]) == 4 for r in records)  # 4 steps x 2 micro-batches of 4
+    events = [json.loads(line) for line in (work / "ckpt" / "guard_events.jsonl").read_text().splitlines()]
+    assert events == [{"event": "skipped", "step": 3, "keys": records[4]["keys"] + records[5]["keys"]}]

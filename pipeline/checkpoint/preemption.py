@@ -40,6 +40,9 @@ class PreemptionCheckpoint(L.Callback):
         # checkpoint); Lightning puts back the handlers it found when the run ends.
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
+        if trainer.received_sigterm:  # Lightning's handler caught one before this point: ours acts on it
+            self.received = signal.SIGTERM
+            trainer._signal_connector.received_sigterm = False
         self._last_step = trainer.global_step
         # With several processes Lightning broadcasts its SIGTERM flag from rank 0 before every batch and reads
         # it back: a collective and a host synchronisation per micro-batch. Its handler is replaced above, so the

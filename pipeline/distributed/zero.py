@@ -20,6 +20,7 @@ from lightning.pytorch.strategies.deepspeed import _validate_device_index_select
 
 from ..checkpoint.shared_fs import folder_owner
 from ..checkpoint.state import DEEPSPEED_TAG
+from ..tasks.optim import skips_by_found_inf
 from . import zero_sync
 from .reshard import UNIVERSAL_TAG, ensure_universal, repair_stage3_universal_load, saved_world_size
 
@@ -57,13 +58,15 @@ class ZeroStrategy(DeepSpeedStrategy):
         import deepspeed
 
         bf16 = self.config.get("bf16") or {}
-        if self.device_skips and bf16.get("enabled") and self.config["zero_optimization"]["stage"] in (1, 2):
+        if (self.device_skips and bf16.get("enabled") and self.config["zero_optimization"]["stage"] in (1, 2)
+                and skips_by_found_inf(optimizer)):
             bf16["check_grad_overflow"] = False  # the guard's check, on the device, takes its place
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             args=argparse.Namespace(device_rank=self._device_rank()), config=self.config, model=model,
             model_parameters=filter(lambda p: p.requires_grad, model.parameters()), optimizer=optimizer,
             lr_scheduler=lr_scheduler, dist_init_required=False)
-        zero_sync.install(engine.optimizer)
+        if not zero_sync.install(engine.optimizer) and hasattr(engine.optimizer, "check_grad_overflow"):
+            engine.optimizer.check_grad_overflow = True  # not a step the guard can see into: DeepSpeed checks
         return engine, ds_optimizer
 
     def _device_rank(self) -> int | None:

@@ -6,7 +6,8 @@ a non-finite group norm (``masked_fill_`` with a device tensor as the value, onc
 clipping's test of the norm (once per group). On a GPU each read stops the host until the device has run the
 whole backward pass, so the next step's kernels are not queued while the optimizer runs.
 
-When the training guard skips non-finite steps on the device (``guard.callback``), those checks are redundant:
+When the training guard skips non-finite steps on the device (``guard.callback``) and the client optimizer skips
+by its flag (torch's fused AdamW, ``tasks.optim.skips_by_found_inf``), those checks are redundant:
 
 - ``bf16.check_grad_overflow: false`` (``ZeroStrategy``) drops the overflow check and the norm test;
 - the fill of a non-finite norm takes a Python number, which ``masked_fill_`` does not read back;
@@ -43,16 +44,17 @@ def clip_on_device(optimizer: Any, grad_groups_flat: list, total_norm: torch.Ten
         return
     for grad in grad_groups_flat:
         for g in grad if isinstance(grad, list) else [grad]:
-            g.data.div_(scale)
+            g.data.mul_(1.0 / scale)  # times the reciprocal, as DeepSpeed: bitwise its result
 
 
 def install(optimizer: Any) -> bool:
-    """Make the steps of ``optimizer`` (DeepSpeed's ZeRO-1/2 optimizer, bf16, overflow check off) free of host
-    reads; False (nothing changed) for any other optimizer."""
+    """Make the steps of ``optimizer`` (DeepSpeed's ZeRO-1/2 optimizer, bf16, overflow check off, computing its
+    gradient norm, on the device) free of host reads; False (nothing changed) for any other optimizer."""
     from deepspeed.runtime.zero import stage_1_and_2
 
     if (not isinstance(optimizer, stage_1_and_2.DeepSpeedZeroOptimizer) or optimizer.dtype != torch.bfloat16
-            or optimizer.check_grad_overflow or optimizer.cpu_offload):
+            or optimizer.check_grad_overflow or optimizer.cpu_offload or not optimizer.compute_grad_norm
+            or getattr(optimizer, "zenflow", False)):
         return False
     # a module global of DeepSpeed's: the helper is called by name from the ZeRO-1/2 optimizer's norm
     stage_1_and_2.mask_nan_or_inf_with_val_inplace = fill_non_finite

@@ -26,6 +26,7 @@ from ..checkpoint.store import STEP_DIR, newest_sound
 from ..distributed import zero_sync
 from ..distributed.gather import every_rank
 from ..errors import RunStopped
+from ..tasks.optim import skips_by_found_inf
 from .config import GuardConfig
 from .detector import Detector, Verdict
 
@@ -107,7 +108,7 @@ class StepGuard(L.Callback):
         self.found_inf = torch.zeros((), device=self._opt_device(device))  # 1.0: the fused kernel skips
         # (fp16: the loss scaler sets its own found_inf on the optimizer and skips by it.) Each group's flag
         # decides, not the defaults (build_optimizer resumes an unfused optimizer's checkpoint fused).
-        if self.skips and all(group.get("fused") for group in self._opt.param_groups):
+        if self.skips and skips_by_found_inf(self._opt):
             self._opt.found_inf = self.found_inf
         elif self.skips:
             log.warning("trainer.guard: %s is not torch's fused AdamW, so non-finite steps cannot be skipped "
@@ -151,6 +152,8 @@ class StepGuard(L.Callback):
         self._loss.add_(loss)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if self._engine is not None and not self._engine.is_gradient_accumulation_boundary():
+            return  # DeepSpeed accumulates itself: Lightning calls this for every micro-batch, the step is the last
         bad = self._bad_loss.clone()
         if self.owns_clipping:  # one gradient norm serves the clipping and the finiteness check
             params = [p for p in pl_module.parameters() if p.grad is not None]
@@ -279,10 +282,16 @@ class StepGuard(L.Callback):
         with (self.root / EVENTS).open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _remove_hook(self) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._remove_hook()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._remove_hook()
         if self.rollback is None:
             self._observe(trainer)  # the steps since the last logging step
         logger = next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)

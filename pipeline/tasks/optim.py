@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,6 +76,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, effective_batch: int, to
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: warmup_cosine(step, warmup_steps, total_steps, peak, cfg.min_lr) / peak)
     return opt, sched
+
+
+def skips_by_found_inf(optimizer: Any) -> bool:
+    """Whether ``optimizer`` skips its step on the device when its ``found_inf`` flag is set (the mechanism of
+    torch's GradScaler): torch's fused Adam, AdamW or SGD, fused in every parameter group."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)) and \
+        all(group.get("fused") for group in optimizer.param_groups)
 
 
 def _resume_fused(optimizer: torch.optim.Optimizer, state: dict) -> dict:
