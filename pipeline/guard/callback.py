@@ -5,9 +5,10 @@ A step is skipped on the device, without reading anything back: the flag goes to
 its ``found_inf`` (the mechanism of torch's GradScaler), which then leaves weights, moments and step count
 bitwise as they were; under DeepSpeed the client optimizer inside ZeRO takes the same flag. ZeRO-1/2 in bf16
 leaves the gradient check to the guard too (``distributed.zero_sync``): its norm joins the flag on the device,
-just before the client optimizer steps; elsewhere ZeRO's own check skips a non-finite gradient norm. The weight average (EMA) skips with it. Each step's flag and loss go
-into a device-side record, read back once per logging step (a step that synchronises anyway), where the
-host-side ``Detector`` judges them, the skipped steps' sample keys are named, and a rollback is decided.
+just before the client optimizer steps; elsewhere ZeRO's own check skips a non-finite gradient norm. The
+weight average (EMA) skips with it. Each step's flag and loss go into a device-side record, read back once
+per logging step (a step that synchronises anyway), where the host-side ``Detector`` judges them, the skipped
+steps' sample keys are named, and a rollback is decided.
 """
 from __future__ import annotations
 

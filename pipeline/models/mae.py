@@ -111,7 +111,8 @@ class MAE(nn.Module):
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error per patch, averaged over the masked patches only."""
-        loss = ((pred.float() - self.target(imgs.float())) ** 2).mean(dim=-1)  # [B, L], in fp32 (also under bf16 weights)
+        # [B, L], in fp32 also when the weights (and so pred and imgs) are bf16
+        loss = ((pred.float() - self.target(imgs.float())) ** 2).mean(dim=-1)
         return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None):
