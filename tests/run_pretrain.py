@@ -46,8 +46,9 @@ from pipeline.stages.train import train as pretrain
 from pipeline.tracking.step_profile import StepProfile
 
 
-def _option(name: str) -> str | None:
-    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else None
+def _option(name: str, at: int = 1) -> str | None:
+    """The ``at``-th value after ``name`` on the command line; None without ``name``."""
+    return sys.argv[sys.argv.index(name) + at] if name in sys.argv else None
 
 
 class KillWhileSaving(L.Callback):
@@ -141,9 +142,9 @@ if __name__ == "__main__":
     result = pretrain(recipe, resume="auto", extra_callbacks=callbacks)
     rank = int(os.environ.get("RANK", "0"))
     if snapshot is not None:
-        path = sys.argv[sys.argv.index("--snapshot-at") + 2]
+        path = _option("--snapshot-at", 2)
         torch.save({"before": snapshot.before, "after": snapshot.after}, f"{path}.rank{rank}.pt")
     if profile is not None and rank == 0:
-        path = sys.argv[sys.argv.index("--profile-step") + 2]
-        Path(path).write_text(json.dumps({"reads": len(profile.scalar_reads()), "syncs": profile.host_syncs()}))
+        report = {"reads": len(profile.scalar_reads()), "syncs": profile.host_syncs()}
+        Path(_option("--profile-step", 2)).write_text(json.dumps(report))
     sys.exit(128 + result.preempted if result.preempted else 0)

@@ -115,8 +115,7 @@ class DeviceNormalise:
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, images: torch.Tensor, erase: Sequence[Sequence[int]] | torch.Tensor | None = None
-                 ) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, erase: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
         if images.dtype != torch.uint8:
             raise TypeError(f"expected uint8 images from the loader, got {images.dtype}")
         if images.device not in self._on:
@@ -124,8 +123,7 @@ class DeviceNormalise:
         mean, std = self._on[images.device]
         x = (images.float().div_(255.0) - mean) / std
         if erase is not None:
-            rows = erase.tolist() if isinstance(erase, torch.Tensor) else erase  # a tensor: callers on the CPU
-            for i, row in enumerate(rows):  # [5] ints; a few boxes per batch at most draw noise
+            for i, row in enumerate(erase):  # [5] ints; a few boxes per batch at most draw noise
                 paint_erase(x[i], tuple(row))
         return x
 

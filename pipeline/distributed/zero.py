@@ -57,16 +57,12 @@ class ZeroStrategy(DeepSpeedStrategy):
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
         import deepspeed
 
-        bf16 = self.config.get("bf16") or {}
-        if (self.device_skips and bf16.get("enabled") and self.config["zero_optimization"]["stage"] in (1, 2)
-                and skips_by_found_inf(optimizer)):
-            bf16["check_grad_overflow"] = False  # the guard's check, on the device, takes its place
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             args=argparse.Namespace(device_rank=self._device_rank()), config=self.config, model=model,
             model_parameters=filter(lambda p: p.requires_grad, model.parameters()), optimizer=optimizer,
             lr_scheduler=lr_scheduler, dist_init_required=False)
-        if not zero_sync.install(engine.optimizer) and hasattr(engine.optimizer, "check_grad_overflow"):
-            engine.optimizer.check_grad_overflow = True  # not a step the guard can see into: DeepSpeed checks
+        if self.device_skips and skips_by_found_inf(optimizer):  # the guard's check can take DeepSpeed's place
+            zero_sync.install(engine.optimizer)
         return engine, ds_optimizer
 
     def _device_rank(self) -> int | None:

@@ -9,7 +9,8 @@ whole backward pass, so the next step's kernels are not queued while the optimiz
 When the training guard skips non-finite steps on the device (``guard.callback``) and the client optimizer skips
 by its flag (torch's fused AdamW, ``tasks.optim.skips_by_found_inf``), those checks are redundant:
 
-- ``bf16.check_grad_overflow: false`` (``ZeroStrategy``) drops the overflow check and the norm test;
+- the optimizer's ``check_grad_overflow`` (DeepSpeed's ``bf16.check_grad_overflow``, read only by its step)
+  turned off drops the overflow check and the norm test;
 - the fill of a non-finite norm takes a Python number, which ``masked_fill_`` does not read back;
 - clipping computes its coefficient on the device, a non-finite norm counting as infinite, as DeepSpeed's does.
 
@@ -48,14 +49,15 @@ def clip_on_device(optimizer: Any, grad_groups_flat: list, total_norm: torch.Ten
 
 
 def install(optimizer: Any) -> bool:
-    """Make the steps of ``optimizer`` (DeepSpeed's ZeRO-1/2 optimizer, bf16, overflow check off, computing its
-    gradient norm, on the device) free of host reads; False (nothing changed) for any other optimizer."""
+    """Make the steps of ``optimizer`` (DeepSpeed's ZeRO-1/2 optimizer in bf16, computing its gradient norm on
+    the device) free of host reads, its own non-finite checks off; False (nothing changed) for any other
+    optimizer. The caller vouches that the client optimizer skips a step by its ``found_inf``."""
     from deepspeed.runtime.zero import stage_1_and_2
 
     if (not isinstance(optimizer, stage_1_and_2.DeepSpeedZeroOptimizer) or optimizer.dtype != torch.bfloat16
-            or optimizer.check_grad_overflow or optimizer.cpu_offload or not optimizer.compute_grad_norm
-            or getattr(optimizer, "zenflow", False)):
+            or optimizer.cpu_offload or not optimizer.compute_grad_norm or getattr(optimizer, "zenflow", False)):
         return False
+    optimizer.check_grad_overflow = False  # the guard's check, on the device, takes its place
     # a module global of DeepSpeed's: the helper is called by name from the ZeRO-1/2 optimizer's norm
     stage_1_and_2.mask_nan_or_inf_with_val_inplace = fill_non_finite
     optimizer.unscale_and_clip_grads = functools.partial(clip_on_device, optimizer)  # shadows the method

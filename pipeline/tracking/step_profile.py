@@ -25,6 +25,11 @@ CUDA_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
 AUDIT_FILES = ("pipeline/tracking/sample_trace.py",)
 
 
+def _audit(chain: list[str]) -> bool:
+    """Whether a call was made from one of the ``AUDIT_FILES``."""
+    return any(f in name for name in chain for f in AUDIT_FILES)
+
+
 class StepProfile(L.Callback):
     """Profiles optimizer steps ``first`` .. ``first + steps - 1`` (every micro-batch of them, the data fetch
     between them included)."""
@@ -73,14 +78,13 @@ class StepProfile(L.Callback):
     def device_waits(self) -> list[tuple[list[str], list[str]]]:
         """On a GPU, each CUDA call of the profiled steps in which the host waited for the device
         (``CUDA_WAITS``), the audits' left out; none on a CPU."""
-        return [(chain, stack) for chain, stack in self._calls(CUDA_WAITS)
-                if not any(f in name for name in chain for f in AUDIT_FILES)]
+        return [(chain, stack) for chain, stack in self._calls(CUDA_WAITS) if not _audit(chain)]
 
     def host_syncs(self) -> list[tuple[list[str], list[str]]]:
         """The reads that would stop the host on a GPU: all but those inside ``CPU_KERNEL_READS``, which read
         host memory on the CPU only, and those of the audits in ``AUDIT_FILES``."""
         return [(chain, stack) for chain, stack in self.scalar_reads()
-                if not any(name in CPU_KERNEL_READS or any(f in name for f in AUDIT_FILES) for name in chain)]
+                if not any(name in CPU_KERNEL_READS for name in chain) and not _audit(chain)]
 
     def table(self, rows: int = 10) -> str:
         """The top operators by self time on the device (on the CPU without a GPU)."""
