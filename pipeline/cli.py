@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import faulthandler
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from typing import get_args
@@ -173,6 +176,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stacks_on_sigusr2() -> None:
+    """A rank that hangs (a collective some rank never joined, a stuck read) shows where: SIGUSR2 prints every
+    thread's Python stack to the process's stderr and the run goes on (`scancel --signal=USR2 JOB`, `kill -USR2
+    PID`). Loader workers fork with the handler and print theirs too."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # a stderr with no file behind it: no dumps
+        faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     logger = logging.getLogger("pipeline")
     if not logger.handlers:
@@ -181,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     quiet_third_party()
+    _stacks_on_sigusr2()
     args, rest = _parser().parse_known_args(argv)
     run, takes_overrides = VERBS[args.command]
     try:

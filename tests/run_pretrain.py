@@ -6,8 +6,9 @@ Usage: python run_pretrain.py OVERRIDES_JSON [--recipe NAME] [--kill-in-checkpoi
     point: the checkpoint folder is half written and must never be used by a resume.
 --engine-report: each rank writes PATH.rank<R>.json with the ZeRO stage read from the DeepSpeed engine and how
     many elements of the partitioned fp32 weights and Adam moments this rank holds, against the model's total.
---signal-at N [--signal-rank R]: rank R (default 0) sends itself SIGUSR1 after its N-th micro-batch, as a
-    scheduler would; the run checkpoints at the next optimizer step, stops and exits with 128 + the signal.
+--signal-at N [--signal-rank R]: rank R (default 0) sends itself SIGUSR1 after its N-th micro-batch (0: while the
+    Trainer sets up, before any step), as a scheduler would; the run checkpoints at the next optimizer step,
+    stops and exits with 128 + the signal.
 --save-on-start: once restored and before the first step, save the state as the strategy writes it to PATH
     (a folder under DeepSpeed): what a resume restored, to compare with what was saved.
 --poison-at STEP [--poison-rank R]: rank R's batch of optimizer step STEP is all NaN (fault_injection).
@@ -62,10 +63,14 @@ class KillWhileSaving(L.Callback):
 
 class SignalAt(L.Callback):
     """Global rank ``rank`` sends itself SIGUSR1 after its ``batch``-th micro-batch of this process (mid
-    gradient accumulation if so chosen), as `scancel --signal=USR1` would."""
+    gradient accumulation if so chosen; 0: in the Trainer's set-up), as `scancel --signal=USR1` would."""
 
     def __init__(self, batch: int, rank: int):
         self.batch, self.rank, self.seen = batch, rank, 0
+
+    def setup(self, trainer, pl_module, stage):
+        if self.batch == 0 and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), signal.SIGUSR1)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.seen += 1

@@ -139,7 +139,21 @@ PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
                 # a requeued job waits ~2 min for its begin time: start it now
                 self.run("scontrol", "update", f"jobid={job}", "StartTime=now", check=False)
             time.sleep(1)
-        raise TimeoutError(f"Slurm job {job} still {self.job_state(job)} after {timeout:.0f} s")
+        raise TimeoutError(f"Slurm job {job} still {self.job_state(job)} after {timeout:.0f} s\n"
+                           + self.hang_report(job))
+
+    def hang_report(self, job: str) -> str:
+        """What a job that does not end is doing: its record, the processes on this host, and the Python
+        stacks its tasks print on SIGUSR2 (vitpipe's CLI registers them), read from the job's output."""
+        record = self.run("scontrol", "show", "job", job, check=False)
+        self.run("scancel", "--signal=USR2", job, check=False)
+        time.sleep(5)
+        procs = subprocess.run(["ps", "-eo", "pid,ppid,pgid,stat,etime,args", "--forest"], capture_output=True,
+                               text=True).stdout
+        procs = "\n".join(line for line in procs.splitlines() if re.search(r"slurm|srun|vitpipe|python", line))
+        out = re.search(r"StdOut=(\S+)", record)
+        log = Path(out.group(1)).read_text(errors="replace")[-20000:] if out and Path(out.group(1)).is_file() else ""
+        return f"{record}\n--- processes\n{procs}\n--- job output (tail)\n{log}"
 
     def stop(self) -> None:
         for p in reversed(self.procs):

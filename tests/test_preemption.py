@@ -1,6 +1,7 @@
 """Checkpoint-and-stop on SIGUSR1 / SIGTERM: the run checkpoints at the next optimizer-step boundary (never
 inside a gradient accumulation), stops with 128 + the signal, and a resume reproduces the uninterrupted
-run's per-step losses and final weights exactly (fp32 on CPU); a signal on one rank stops every rank."""
+run's per-step losses and final weights exactly (fp32 on CPU); a signal on one rank stops every rank; one
+that comes while the run sets up stops it at its first step, one at its last step lets it end as planned."""
 from __future__ import annotations
 
 import json
@@ -72,3 +73,14 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(fmnist_shards, t
     for rank in (0, 1):
         steps = [json.loads(line)["step"] for line in (tmp_path / f"trace.rank{rank}.jsonl").read_text().splitlines()]
         assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("at, code, step, line", [
+    (0, 128 + signal.SIGUSR1, 1, "SIGUSR1 received: checkpointing step 1 and stopping"),  # while setting up
+    (3, 0, 3, "SIGUSR1 received at the last step (3): the run ends as planned")])
+def test_a_signal_before_the_first_step_or_at_the_last(fmnist_shards, tmp_path, child_env, at, code, step, line):
+    o = tiny_overrides(fmnist_shards, tmp_path, **{"trainer.max_steps": 3, "checkpoint.every_n_steps": 100})
+    out = _run(o, child_env, "--signal-at", str(at))
+    assert out.returncode == code and line in out.stderr, out.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step-*")) == [f"step-{step:08d}"]
+    assert ("stopped by SIGUSR1" in out.stdout) == bool(code)

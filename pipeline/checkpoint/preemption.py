@@ -6,14 +6,24 @@ run write a committed checkpoint at an optimizer-step boundary (so the saved dat
 agree, and a resume is exact), stop, and report itself preempted. One process acts at its next step; several
 agree at the next logging step (every ``trainer.log_every_n_steps`` steps), where they synchronise anyway:
 learning of another rank's signal needs a collective whose result the host reads, a stall every step would
-pay. Under Slurm, rank 0 then requeues the job (``scontrol requeue``), and the restarted job resumes with ``--resume auto``.
+pay. Under Slurm, rank 0 then requeues the job (``scontrol requeue``), and the restarted job resumes with
+``--resume auto``.
+
+The signals belong to this module for the whole training stage (``held_signals``), not only while the loop
+runs: one that comes while the model is built or a checkpoint restored stops the run at its first step, and
+one that comes after the last step lets the stage finish (its final checkpoint is written anyway). Lightning's
+own handlers are never installed: its SIGTERM handler broadcasts from inside the handler, a collective that
+deadlocks when the ranks are elsewhere.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -23,33 +33,54 @@ from .callback import CommittedCheckpoint
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+_noted: list[int] = []  # the signals received while held, first one first
+
+
+def _note(signum: int, frame: Any) -> None:
+    _noted.append(signum)  # acted on at the next step boundary, never inside the handler
+
+
+def received() -> int | None:
+    """The first signal received since ``held_signals`` began, if any."""
+    return _noted[0] if _noted else None
+
+
+@contextlib.contextmanager
+def held_signals(enabled: bool = True) -> Iterator[None]:
+    """SIGUSR1 and SIGTERM are noted (``received``) instead of ending the process; the handlers found are put
+    back at the end. Only the main thread can set handlers: elsewhere (and with ``enabled`` off) nothing
+    changes."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _noted.clear()
+    previous = {sig: signal.signal(sig, _note) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class PreemptionCheckpoint(L.Callback):
-    def __init__(self, saver: CommittedCheckpoint, requeue: bool):
-        self.saver, self.requeue = saver, requeue
-        self.received: int | None = None
+    """Checkpoints and stops the run at the step boundary after a held signal (see ``held_signals``)."""
+
+    def __init__(self, saver: CommittedCheckpoint):
+        self.saver = saver
         self.preempted: int | None = None  # the signal number once the run stopped for it
         self._last_step = -1
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum  # acted on at the next step boundary, not inside the handler
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # After Lightning installed its own handlers (its SIGTERM one would abort the run without a
-        # checkpoint); Lightning puts back the handlers it found when the run ends.
-        for sig in SIGNALS:
-            signal.signal(sig, self._handle)
-        if trainer.received_sigterm:  # Lightning's handler caught one before this point: ours acts on it
-            self.received = signal.SIGTERM
-            trainer._signal_connector.received_sigterm = False
-        self._last_step = trainer.global_step
-        # With several processes Lightning broadcasts its SIGTERM flag from rank 0 before every batch and reads
-        # it back: a collective and a host synchronisation per micro-batch. Its handler is replaced above, so the
-        # flag it broadcasts can no longer be set; the ranks agree on a signal here, at logging steps.
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Before Lightning installs its handlers (later in the same call): it must not, see the module's text.
+        trainer._signal_connector.register_signal_handlers = lambda: None
+        # With several processes Lightning also broadcasts its SIGTERM flag from rank 0 before every batch and
+        # reads it back: a collective and a host synchronisation per micro-batch, for a flag nothing sets now.
         loop = trainer.fit_loop.epoch_loop
         if hasattr(loop, "_broadcast_sigterm_tensor"):
             loop._broadcast_sigterm_tensor = lambda: None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -57,14 +88,18 @@ class PreemptionCheckpoint(L.Callback):
             return
         self._last_step = trainer.global_step
         if trainer.world_size == 1:
-            signum = self.received or 0
+            signum = received() or 0
         elif trainer.global_step % trainer.log_every_n_steps == 0:  # a logging step: the ranks sync there anyway
             # every rank learns of a signal any rank got (one small all-reduce)
-            got = torch.tensor(self.received or 0, device=pl_module.device)
+            got = torch.tensor(received() or 0, device=pl_module.device)
             signum = int(trainer.strategy.reduce(got, reduce_op="max"))
         else:
             return
         if not signum:
+            return
+        if 0 < trainer.max_steps <= trainer.global_step:  # the last step: the run ends here with its checkpoint
+            log.warning("%s received at the last step (%d): the run ends as planned", signal.Signals(signum).name,
+                        trainer.global_step)
             return
         log.warning("%s received: checkpointing step %d and stopping", signal.Signals(signum).name,
                     trainer.global_step)
@@ -72,11 +107,23 @@ class PreemptionCheckpoint(L.Callback):
         self.preempted = signum
         trainer.should_stop = True
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.preempted and self.requeue and trainer.is_global_zero and os.environ.get("SLURM_JOB_ID"):
-            job = os.environ["SLURM_JOB_ID"]
-            out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            if out.returncode:
-                log.error("scontrol requeue %s failed: %s", job, out.stderr.strip())
-            else:
-                log.warning("Slurm job %s requeued: it resumes from the checkpoint when it runs again", job)
+
+def end_preempted_stage(requeue: bool) -> None:
+    """The last act of a stage a signal stopped, on every rank, once each has written all it writes.
+
+    Rank 0 requeues the Slurm job (``requeue``) only when every rank has finished, and no rank leaves before
+    it did: Slurm ends the job's processes as it requeues, and ``srun --kill-on-bad-exit`` ends them all as
+    soon as one exits with its 128 + signal. Either, coming early, cut a rank short (its MLflow run, its
+    files), or the requeue itself."""
+    group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if group:
+        torch.distributed.barrier()  # every rank is done
+    job = os.environ.get("SLURM_JOB_ID")
+    if requeue and job and (not group or torch.distributed.get_rank() == 0):
+        out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if out.returncode:
+            log.error("scontrol requeue %s failed: %s", job, out.stderr.strip())
+        else:
+            log.warning("Slurm job %s requeued: it resumes from the checkpoint when it runs again", job)
+    if group:
+        torch.distributed.barrier()  # nobody exits before the requeue was asked for

@@ -20,13 +20,13 @@ from pathlib import Path
 import lightning as L
 
 from ..checkpoint import CommittedCheckpoint, latest_complete
-from ..checkpoint.preemption import PreemptionCheckpoint
+from ..checkpoint.preemption import PreemptionCheckpoint, end_preempted_stage, held_signals
 from ..checkpoint.resume import FetchCheckpoint, ResumePoint, find_resume
 from ..checkpoint.store import STATE
 from ..console import report
 from ..data.datamodule import ShardDataModule
 from ..data.storage import apply_storage, probe_write
-from ..distributed import build_strategy, cluster_environment, derive_batch, resolve_layout, world_size
+from ..distributed import build_strategy, cluster_environment, derive_batch, launcher_layout, resolve_layout, world_size
 from ..evaluation.monitor import PretrainMonitor
 from ..guard import ContinueAt, GuardLedger, StepGuard
 from ..objectives.registry import objective_of
@@ -100,7 +100,13 @@ def train(recipe: RunRecipe, resume: str | None = "auto", extra_callbacks: Seque
     """Train ``recipe`` with its objective; ``resume``: auto (newest complete checkpoint), none, or a folder.
 
     A rollback the guard asks for restarts the run here, in this process, from the checkpoint it names (the
-    strategy restores the full state, ZeRO-3 included) with the data stream where it was."""
+    strategy restores the full state, ZeRO-3 included) with the data stream where it was. With checkpoints on,
+    SIGUSR1 / SIGTERM stop the run with a checkpoint from the stage's start to its end (``held_signals``)."""
+    with held_signals(recipe.checkpoint.enabled):
+        return _train(recipe, resume, extra_callbacks)
+
+
+def _train(recipe: RunRecipe, resume: str | None, extra_callbacks: Sequence[L.Callback]) -> TrainResult:
     objective = objective_of(recipe)
     stage = objective.stage
     plan = plan_run(recipe, resume)
@@ -110,11 +116,14 @@ def train(recipe: RunRecipe, resume: str | None = "auto", extra_callbacks: Seque
         plan = plan_run(recipe, str(rollback.checkpoint))
         result = fit(recipe, plan, objective.build(recipe, plan), [*extra_callbacks, ContinueAt(rollback)],
                      ledger=rollback.ledger)
-    if not result.is_global_zero:
-        return result
     if result.preempted:
-        report.info(f"{stage}: stopped by {signal.Signals(result.preempted).name} at step {result.global_step}, "
-                    f"checkpoint {result.checkpoint}; --resume auto continues from there")
+        if result.is_global_zero:
+            report.info(f"{stage}: stopped by {signal.Signals(result.preempted).name} at step "
+                        f"{result.global_step}, checkpoint {result.checkpoint}; --resume auto continues from there")
+        layout = launcher_layout()
+        end_preempted_stage(requeue=layout is not None and layout.launcher == "slurm")
+        return result
+    if not result.is_global_zero:
         return result
     if objective.after_training is not None:
         objective.after_training(objective, recipe, result)
@@ -197,7 +206,7 @@ def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: S
     callbacks.extend(shown)
     preemption = None
     if saver is not None:  # last: a checkpoint holds what every other callback did at that step
-        preemption = PreemptionCheckpoint(saver, requeue=layout.launcher == "slurm")
+        preemption = PreemptionCheckpoint(saver)
         callbacks.extend([saver, preemption])
     trainer = L.Trainer(
         accelerator=tr.accelerator, devices=layout.devices, num_nodes=layout.num_nodes,
