@@ -179,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
 def _stacks_on_sigusr2() -> None:
     """A rank that hangs (a collective some rank never joined, a stuck read) shows where: SIGUSR2 prints every
     thread's Python stack to the process's stderr and the run goes on (`scancel --signal=USR2 JOB`, `kill -USR2
-    PID`). Loader workers fork with the handler and print theirs too."""
+    PID`). Loader workers forked from the trainer inherit the handler and print theirs too."""
     with contextlib.suppress(AttributeError, OSError, ValueError):  # a stderr with no file behind it: no dumps
         faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)
 

@@ -128,7 +128,7 @@ PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
         m = re.search(r"JobState=(\S+)", out)
         return m.group(1) if m else "UNKNOWN"
 
-    def wait_job(self, job: str, timeout: float = 600) -> str:
+    def wait_job(self, job: str, timeout: float = 300) -> str:
         """Wait until ``job`` has ended (COMPLETED, FAILED, ...); returns its final state."""
         deadline = time.time() + timeout
         while time.time() < deadline:

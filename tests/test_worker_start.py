@@ -1,0 +1,43 @@
+"""Loader workers start from a fork server where forking the trainer can hang (CPython gh-112275 with C++
+threads entering Python): the server ignores the scheduler's signals, so neither it nor its workers die of
+them, and a DataLoader's batches arrive as from forked workers."""
+from __future__ import annotations
+
+import multiprocessing.forkserver
+import os
+import signal
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from pipeline.data.stream import _one_thread
+from pipeline.data.worker_start import fork_may_hang, forkserver_context, worker_context
+
+
+class Numbers(IterableDataset):
+    def __iter__(self):
+        for i in range(40):
+            yield torch.full((2,), float(i))
+
+
+def test_the_versions_with_the_fork_bug():
+    assert fork_may_hang((3, 11, 7)) and fork_may_hang((3, 12, 0))
+    assert not any(fork_may_hang(v) for v in [(3, 11, 8), (3, 12, 1), (3, 13, 0)])
+
+
+def test_a_single_cpu_process_forks_its_workers():
+    assert worker_context(2) is None and worker_context(0) is None  # no process group, no CUDA here
+
+
+def test_the_fork_server_and_its_workers_outlive_the_schedulers_signals():
+    loader = DataLoader(Numbers(), batch_size=None, num_workers=1, worker_init_fn=_one_thread,
+                        multiprocessing_context=forkserver_context())
+    got, batches = [], iter(loader)
+    for i, x in enumerate(batches):
+        if i == 5:
+            server = multiprocessing.forkserver._forkserver._forkserver_pid
+            for pid in (server, batches._workers[0].pid):
+                for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2):
+                    os.kill(pid, sig)
+        got.append(int(x[0]))
+    assert got == list(range(40))
