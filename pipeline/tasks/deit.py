@@ -3,7 +3,6 @@ from the labels and, through the distillation head, from a frozen teacher; mixup
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 
 from ..models.deit import DistilledViT
 from ..models.vit import ViTEncoder
-from ..tracking.device_log import log_number
+from ..tracking.device_log import SpanTimer, log_number
 from .base import Schedule
 from .config import DeiTConfig, OptimConfig
 from .distill import distillation_loss
@@ -26,6 +25,7 @@ class DeiTTask(SupervisedTask):
         self.cfg = cfg
         # Kept out of the module tree: not trained, not in checkpoints, not partitioned by ZeRO.
         self._teacher = (teacher,) if teacher is not None and cfg.distill.kind != "none" else ()
+        self._teacher_time = SpanTimer()
 
     def on_fit_start(self) -> None:
         if self._teacher:  # the student's device and dtype ("bf16-true" casts the student's weights)
@@ -38,9 +38,10 @@ class DeiTTask(SupervisedTask):
         imgs, target = self.mixed(batch, batch_idx)  # the teacher sees the same mixed images, as in DeiT
         teacher_logits = None
         if self._teacher:
-            start = time.perf_counter()
-            teacher_logits = self._teacher[0](imgs)
-            log_number(self, "perf/teacher_s", time.perf_counter() - start, batch_size=1)
+            with self._teacher_time.span(self.device):
+                teacher_logits = self._teacher[0](imgs)
+            if (seconds := self._teacher_time.take()) is not None:  # on a GPU: an earlier step's, when done
+                log_number(self, "perf/teacher_s", seconds, batch_size=1)
         cls, dist = self.model.both_logits(imgs)
         parts = distillation_loss(cls, dist, target, teacher_logits, self.cfg.distill, self.label_smoothing)
         self.log("train/loss_label", parts["label"], batch_size=imgs.shape[0])

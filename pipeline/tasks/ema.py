@@ -52,8 +52,10 @@ class WeightEMA(L.Callback):
         # A step the guard skipped leaves the average bitwise as it was: weight 0, decided on the device.
         applied = step_applied(trainer)
         weight = 1.0 - self.decay if applied is None else applied * (1.0 - self.decay)
-        for k, v in self._weights(pl_module).items():
-            self.shadow[k].lerp_(v.detach().float(), weight)
+        # One fused update over all tensors: a ViT-B has ~150 of them, each a kernel or two when done one by one.
+        current = self._weights(pl_module)
+        torch._foreach_lerp_([self.shadow[k] for k in current], [v.detach().float() for v in current.values()],
+                             weight)
         self.step = trainer.global_step
 
     def state_dict(self) -> dict[str, Any]:
