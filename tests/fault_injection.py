@@ -47,7 +47,23 @@ class InfParameter(L.Callback):
         self.fired = True
 
 
-class SpikeLoss(L.Callback):
+class LossFault(L.Callback):
+    """Alters what the task's ``training_step`` returns (``alter``), for this run's task only: a rolled-back
+    run builds a new task, and meets the fault again only if ``alter`` has not used it up."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        plain = type(pl_module).training_step
+
+        def training_step(batch: Any, batch_idx: int) -> Any:
+            return self.alter(trainer, plain(pl_module, batch, batch_idx))
+
+        pl_module.training_step = training_step
+
+    def alter(self, trainer: L.Trainer, out: Any) -> Any:
+        raise NotImplementedError
+
+
+class SpikeLoss(LossFault):
     """The loss of ``count`` consecutive optimizer steps from ``step`` multiplied by ``factor`` (its gradient
     too, before clipping): a loss spike the guard must see on every rank."""
 
@@ -55,41 +71,28 @@ class SpikeLoss(L.Callback):
         self.step, self.count, self.factor, self.left = step, count, factor, count
         self.fired: list[int] = []
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        plain = type(pl_module).training_step
-
-        def training_step(batch: Any, batch_idx: int) -> Any:
-            out = plain(pl_module, batch, batch_idx)
-            step = trainer.global_step + 1
-            if self.left and step >= self.step:
-                if step not in self.fired:
-                    self.fired.append(step)
-                    self.left -= 1
-                return out * self.factor if isinstance(out, torch.Tensor) else {**out, "loss": out["loss"] *
-                                                                                self.factor}
+    def alter(self, trainer: L.Trainer, out: Any) -> Any:
+        step = trainer.global_step + 1
+        if not self.left or step < self.step:
             return out
+        if step not in self.fired:
+            self.fired.append(step)
+            self.left -= 1
+        return out * self.factor if isinstance(out, torch.Tensor) else {**out, "loss": out["loss"] * self.factor}
 
-        pl_module.training_step = training_step  # this run's task only; a rolled-back run builds a new one
 
-
-class InfGradient(L.Callback):
+class InfGradient(LossFault):
     """Global rank ``rank``'s gradients of optimizer ``step`` are infinite while its loss stays finite (an
     overflow in the backward pass): only a gradient check can see it."""
 
     def __init__(self, step: int, rank: int = 0):
         self.step, self.rank, self.fired = step, rank, False
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        plain = type(pl_module).training_step
-
-        def training_step(batch: Any, batch_idx: int) -> Any:
-            out = plain(pl_module, batch, batch_idx)
-            if not self.fired and trainer.global_step + 1 == self.step and trainer.global_rank == self.rank:
-                out.register_hook(lambda grad: grad * float("inf"))
-                self.fired = True
-            return out
-
-        pl_module.training_step = training_step
+    def alter(self, trainer: L.Trainer, out: Any) -> Any:
+        if not self.fired and trainer.global_step + 1 == self.step and trainer.global_rank == self.rank:
+            out.register_hook(lambda grad: grad * float("inf"))
+            self.fired = True
+        return out
 
 
 class Snapshot(L.Callback):
