@@ -32,7 +32,7 @@ from .device_decode import device_decodable
 from .order import EpochOrder, Layout
 from .tar_io import read_offsets, read_run, read_segment
 from .transforms import TrainTransform
-from .worker_start import worker_context
+from .worker_start import loader_options
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
@@ -296,9 +296,9 @@ class StreamLoader:
         self.epoch, self.consumed = epoch, 0
         ds = self.dataset
         ds.epoch, ds.start = epoch, self.start
-        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, worker_init_fn=_one_thread,
-                            pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
-                            multiprocessing_context=worker_context(self.num_workers))
+        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            prefetch_factor=4 if self.num_workers else None,
+                            **loader_options(self.num_workers, _one_thread))
         batches = iter(loader)
         while True:
             t0 = time.perf_counter()

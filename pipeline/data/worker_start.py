@@ -13,12 +13,24 @@ exec) that forks each worker. It imports the loaders' modules once, and ``_serve
 first) makes it ignore the signals its trainer handles: a scheduler signals every process of a job step, and
 a server that died of SIGUSR1 would take the workers it started with it. A single CPU process has no such
 threads and keeps forking itself, the fastest start.
+
+A fork server's workers are not their trainer's children, so torch's check that a worker's parent lives
+watches the server; and the server lives while any worker holds its pipe, which each does. A trainer that is
+killed (SIGKILL, the OOM killer) would leave both behind for ever, holding the job's output open. Each such
+worker watches its trainer instead (``watch_owner``) and exits when it is gone.
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import multiprocessing.context
+import os
 import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,3 +61,39 @@ def worker_context(num_workers: int) -> multiprocessing.context.BaseContext | No
     if num_workers == 0 or not fork_may_hang() or not _threads_enter_python():
         return None
     return forkserver_context()
+
+
+def loader_options(num_workers: int, init: Callable[[int], None] | None = None,
+                   server: bool | None = None) -> dict[str, Any]:
+    """``DataLoader`` keywords for its workers: how they start (``server``: the fork server; None: where a fork
+    can hang) and ``init``, run in each, after the watch of its trainer when a fork server started it."""
+    if server is None:
+        server = worker_context(num_workers) is not None
+    if not server or num_workers == 0:
+        return {"worker_init_fn": init}
+    return {"multiprocessing_context": forkserver_context(),
+            "worker_init_fn": functools.partial(_watched_init, os.getpid(), _start_time(os.getpid()), init)}
+
+
+def _start_time(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot), which tells it from a later process given the same pid;
+    None once it has ended, also while it waits to be reaped (a zombie: its parent may be waiting for the very
+    output its workers hold open)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if len(fields) < 20 or fields[0] in "ZX" else fields[19]
+
+
+def _watched_init(owner: int, started: str | None, init: Callable[[int], None] | None, worker_id: int) -> None:
+    threading.Thread(target=watch_owner, args=(owner, started), name="owner-watch", daemon=True).start()
+    if init is not None:
+        init(worker_id)
+
+
+def watch_owner(owner: int, started: str | None, every_s: float = 1.0) -> None:
+    """Ends this process once ``owner`` (which started at ``started``) is gone."""
+    while _start_time(owner) == started:
+        time.sleep(every_s)
+    os._exit(0)

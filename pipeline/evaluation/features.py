@@ -21,7 +21,7 @@ from ..data.manifest import load_manifest
 from ..data.stream import image_bytes
 from ..data.tar_io import read_segment
 from ..data.transforms import Normalise
-from ..data.worker_start import worker_context
+from ..data.worker_start import loader_options
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class Features:
 def extract(embed: Callable[[torch.Tensor], torch.Tensor], split: LabelledSplit, num_workers: int = 0) -> Features:
     """Run ``embed`` ([b, 3, H, W] -> [b, D]) over the split; returns features and labels in read order."""
     workers = min(num_workers, len(split.segments))
-    loader = DataLoader(split, batch_size=None, num_workers=workers, multiprocessing_context=worker_context(workers))
+    loader = DataLoader(split, batch_size=None, num_workers=workers, **loader_options(workers))
     feats, labels, skipped = [], [], 0
     progress = Progress(f"features of {split.location}", split.num_samples, "images")
     for batch in loader:
