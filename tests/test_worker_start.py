@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.data.stream import _one_thread
-from pipeline.data.worker_start import fork_may_hang, loader_options, worker_context
+from pipeline.data.worker_start import fork_may_hang, loader_options, needs_fork_server
 
 
 class Numbers(IterableDataset):
@@ -30,7 +30,8 @@ def test_the_versions_with_the_fork_bug():
 
 
 def test_a_single_cpu_process_forks_its_workers():
-    assert worker_context(2) is None and worker_context(0) is None  # no process group, no CUDA here
+    assert not needs_fork_server(2) and not needs_fork_server(0)  # no process group, no CUDA here
+    assert loader_options(2, _one_thread) == {"worker_init_fn": _one_thread}
 
 
 def test_the_fork_server_and_its_workers_outlive_the_schedulers_signals():

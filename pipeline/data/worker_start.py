@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
-import multiprocessing.context
 import os
 import sys
 import threading
@@ -50,17 +49,9 @@ def _threads_enter_python() -> bool:
     return group or torch.cuda.is_initialized()
 
 
-def forkserver_context() -> multiprocessing.context.BaseContext:
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)  # read when the server starts (once per process)
-    return ctx
-
-
-def worker_context(num_workers: int) -> multiprocessing.context.BaseContext | None:
-    """The multiprocessing context a DataLoader's workers start in; None: the default (fork)."""
-    if num_workers == 0 or not fork_may_hang() or not _threads_enter_python():
-        return None
-    return forkserver_context()
+def needs_fork_server(num_workers: int) -> bool:
+    """Whether a DataLoader's workers here start from the fork server rather than a fork of this process."""
+    return num_workers > 0 and fork_may_hang() and _threads_enter_python()
 
 
 def loader_options(num_workers: int, init: Callable[[int], None] | None = None,
@@ -68,10 +59,12 @@ def loader_options(num_workers: int, init: Callable[[int], None] | None = None,
     """``DataLoader`` keywords for its workers: how they start (``server``: the fork server; None: where a fork
     can hang) and ``init``, run in each, after the watch of its trainer when a fork server started it."""
     if server is None:
-        server = worker_context(num_workers) is not None
+        server = needs_fork_server(num_workers)
     if not server or num_workers == 0:
         return {"worker_init_fn": init}
-    return {"multiprocessing_context": forkserver_context(),
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)  # read when the server starts (once per process)
+    return {"multiprocessing_context": ctx,
             "worker_init_fn": functools.partial(_watched_init, os.getpid(), _start_time(os.getpid()), init)}
 
 
