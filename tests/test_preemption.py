@@ -84,3 +84,16 @@ def test_a_signal_before_the_first_step_or_at_the_last(fmnist_shards, tmp_path, 
     assert out.returncode == code and line in out.stderr, out.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("step-*")) == [f"step-{step:08d}"]
     assert ("stopped by SIGUSR1" in out.stdout) == bool(code)
+
+
+def test_with_checkpoints_off_a_signal_stops_the_run_at_a_step_without_one(fmnist_shards, tmp_path, child_env):
+    """No checkpoint to write and nothing to resume from, but the same clean stop: at the step boundary, with
+    128 + the signal (not killed by it, and not through Lightning's handler, which broadcasts every batch)."""
+    o = tiny_overrides(fmnist_shards, tmp_path, **{"trainer.max_steps": 5, "checkpoint.enabled": "false",
+                                                  "trainer.sample_trace": tmp_path / "trace.jsonl"})
+    out = _run(o, child_env, "--signal-at", "2")
+    assert out.returncode == 128 + signal.SIGUSR1, out.stderr[-3000:]
+    assert "SIGUSR1 received: stopping after step 2 (checkpoints are off: nothing to resume from)" in out.stderr
+    assert "stopped by SIGUSR1 at step 2, no checkpoint (checkpoints are off)" in out.stdout
+    assert not list(tmp_path.glob("ckpt/step-*"))
+    assert [step for step, *_ in _records(tmp_path / "trace.jsonl")] == [1, 2]

@@ -105,11 +105,17 @@ def test_zero_losses_equal_ddp_and_state_is_sharded(runs, stage):
 @pytest.mark.parametrize("stage", [None, 2])
 def test_compiled_blocks_train_to_the_eager_losses(runs, stage, fmnist_shards, tmp_path, child_env):
     """trainer.compile under DDP and ZeRO-2 on 2 processes: the same samples and, within float tolerance (the
-    compiled kernels fuse and reorder float operations), the same losses as the eager run, step by step."""
+    compiled kernels fuse and reorder float operations), the same losses as the eager run, step by step. With
+    checkpoints off too, a DDP step that does not log reads nothing back (no per-batch signal broadcast)."""
     work = tmp_path / "compiled"
+    profile = ("--profile-step", "2", str(work / "profile.json")) if stage is None else ()
     proc = torchrun(strategy_overrides(fmnist_shards, work, stage, **{"trainer.compile": "true",
-                                                                        "checkpoint.enabled": "false"}), child_env)
+                                                                        "checkpoint.enabled": "false"}), child_env,
+                    *profile)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    if profile:
+        syncs = json.loads((work / "profile.json").read_text())["syncs"]
+        assert syncs == [], f"host syncs in a 2-process DDP step with checkpoints off: {syncs[:3]}"
     want, got = traces(runs["ddp" if stage is None else stage]), traces(work)
     assert sorted(got) == sorted(want)
     for rank, step in want:

@@ -3,7 +3,8 @@
 Slurm sends SIGUSR1 ahead of the time limit (``--signal=USR1@T``) or on preemption; Kubernetes sends SIGTERM
 when it evicts a pod (a Slurm preemption with a grace time does too). Either signal, on any rank, makes the
 run write a committed checkpoint at an optimizer-step boundary (so the saved data position and the weights
-agree, and a resume is exact), stop, and report itself preempted. One process acts at its next step; several
+agree, and a resume is exact), stop, and report itself preempted. With checkpoints off the run stops the
+same way, with nothing to resume from, and is not requeued. One process acts at its next step; several
 agree at the next logging step (every ``trainer.log_every_n_steps`` steps), where they synchronise anyway:
 learning of another rank's signal needs a collective whose result the host reads, a stall every step would
 pay. Under Slurm, rank 0 then requeues the job (``scontrol requeue``), and the restarted job resumes with
@@ -46,11 +47,10 @@ def received() -> int | None:
 
 
 @contextlib.contextmanager
-def held_signals(enabled: bool = True) -> Iterator[None]:
+def held_signals() -> Iterator[None]:
     """SIGUSR1 and SIGTERM are noted (``received``) instead of ending the process; the handlers found are put
-    back at the end. Only the main thread can set handlers: elsewhere (and with ``enabled`` off) nothing
-    changes."""
-    if not enabled or threading.current_thread() is not threading.main_thread():
+    back at the end. Only the main thread can set handlers: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     _noted.clear()
@@ -62,16 +62,18 @@ def held_signals(enabled: bool = True) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-class PreemptionCheckpoint(L.Callback):
-    """Checkpoints and stops the run at the step boundary after a held signal (see ``held_signals``)."""
+class PreemptionStop(L.Callback):
+    """Stops the run at the step boundary after a held signal (see ``held_signals``), with a checkpoint when
+    there is a ``saver`` (checkpoints on)."""
 
-    def __init__(self, saver: CommittedCheckpoint):
+    def __init__(self, saver: CommittedCheckpoint | None):
         self.saver = saver
         self.preempted: int | None = None  # the signal number once the run stopped for it
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Before Lightning installs its handlers (later in the same call): it must not, see the module's text.
+        # Checkpoints off included: its per-batch broadcast below would otherwise stay.
         trainer._signal_connector.register_signal_handlers = lambda: None
         # With several processes Lightning also broadcasts its SIGTERM flag from rank 0 before every batch and
         # reads it back: a collective and a host synchronisation per micro-batch, for a flag nothing sets now.
@@ -101,9 +103,13 @@ class PreemptionCheckpoint(L.Callback):
             log.warning("%s received at the last step (%d): the run ends as planned", signal.Signals(signum).name,
                         trainer.global_step)
             return
-        log.warning("%s received: checkpointing step %d and stopping", signal.Signals(signum).name,
-                    trainer.global_step)
-        self.saver.save(trainer)
+        name = signal.Signals(signum).name
+        if self.saver is None:
+            log.warning("%s received: stopping after step %d (checkpoints are off: nothing to resume from)", name,
+                        trainer.global_step)
+        else:
+            log.warning("%s received: checkpointing step %d and stopping", name, trainer.global_step)
+            self.saver.save(trainer)
         self.preempted = signum
         trainer.should_stop = True
 

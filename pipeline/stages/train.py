@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning as L
 
 from ..checkpoint import CommittedCheckpoint, latest_complete
-from ..checkpoint.preemption import PreemptionCheckpoint, end_preempted_stage, held_signals
+from ..checkpoint.preemption import PreemptionStop, end_preempted_stage, held_signals
 from ..checkpoint.resume import FetchCheckpoint, ResumePoint, find_resume
 from ..checkpoint.store import STATE
 from ..console import report
@@ -100,9 +100,10 @@ def train(recipe: RunRecipe, resume: str | None = "auto", extra_callbacks: Seque
     """Train ``recipe`` with its objective; ``resume``: auto (newest complete checkpoint), none, or a folder.
 
     A rollback the guard asks for restarts the run here, in this process, from the checkpoint it names (the
-    strategy restores the full state, ZeRO-3 included) with the data stream where it was. With checkpoints on,
-    SIGUSR1 / SIGTERM stop the run with a checkpoint from the stage's start to its end (``held_signals``)."""
-    with held_signals(recipe.checkpoint.enabled):
+    strategy restores the full state, ZeRO-3 included) with the data stream where it was. SIGUSR1 / SIGTERM, from
+    the stage's start to its end, stop the run at a step boundary (``held_signals``), with a checkpoint when
+    checkpoints are on."""
+    with held_signals():
         return _train(recipe, resume, extra_callbacks)
 
 
@@ -118,10 +119,12 @@ def _train(recipe: RunRecipe, resume: str | None, extra_callbacks: Sequence[L.Ca
                      ledger=rollback.ledger)
     if result.preempted:
         if result.is_global_zero:
+            where = (f"checkpoint {result.checkpoint}; --resume auto continues from there" if result.checkpoint
+                     else "no checkpoint (checkpoints are off)")
             report.info(f"{stage}: stopped by {signal.Signals(result.preempted).name} at step "
-                        f"{result.global_step}, checkpoint {result.checkpoint}; --resume auto continues from there")
-        layout = launcher_layout()
-        end_preempted_stage(requeue=layout is not None and layout.launcher == "slurm")
+                        f"{result.global_step}, {where}")
+        layout = launcher_layout()  # a requeued job without a checkpoint would only start again from step 0
+        end_preempted_stage(requeue=recipe.checkpoint.enabled and layout is not None and layout.launcher == "slurm")
         return result
     if not result.is_global_zero:
         return result
@@ -204,10 +207,10 @@ def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: S
     callbacks.extend([*training.callbacks, *extra_callbacks])
     shown, bar = progress_callbacks(tr.log_every_n_steps)
     callbacks.extend(shown)
-    preemption = None
     if saver is not None:  # last: a checkpoint holds what every other callback did at that step
-        preemption = PreemptionCheckpoint(saver)
-        callbacks.extend([saver, preemption])
+        callbacks.append(saver)
+    preemption = PreemptionStop(saver)
+    callbacks.append(preemption)
     trainer = L.Trainer(
         accelerator=tr.accelerator, devices=layout.devices, num_nodes=layout.num_nodes,
         strategy=build_strategy(tr.strategy, recipe.zero, device_skips=guard is not None and guard.skips),
@@ -233,7 +236,7 @@ def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: S
                          checkpoint=latest_complete(record.root) if recipe.checkpoint.enabled else None,
                          global_step=trainer.global_step, last_loss=getattr(training.task, "last_loss", None),
                          tracking_failures=tracking_failures(logger),
-                         preempted=preemption.preempted if preemption else None,
+                         preempted=preemption.preempted,
                          is_global_zero=trainer.is_global_zero, rollback=guard.rollback if guard else None)
     if (line := throughput.summary(trainer.world_size)) is not None:
         result.summary.add(line)
