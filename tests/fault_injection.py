@@ -108,9 +108,14 @@ class Snapshot(L.Callback):
         out = {f"w.{k}": v.detach().clone() for k, v in pl_module.state_dict().items() if torch.is_tensor(v)}
         for i, state in enumerate(trainer.optimizers[0].state.values()):
             out.update({f"opt.{i}.{k}": v.detach().clone() for k, v in state.items() if torch.is_tensor(v)})
-        # ZeRO-1/2 with 16-bit weights: this rank's fp32 master partitions
-        for i, part in enumerate(getattr(trainer.optimizers[0], "single_partition_of_fp32_groups", [])):
+        # ZeRO with 16-bit weights: this rank's fp32 master partitions (ZeRO-1/2, then ZeRO-3)
+        opt = trainer.optimizers[0]
+        masters = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(opt, "fp32_partitioned_groups_flat", [])
+        for i, part in enumerate(masters):
             out[f"master.{i}"] = part.detach().clone()
+        for name, param in pl_module.named_parameters():  # ZeRO-3: the module holds only this rank's partitions
+            if hasattr(param, "ds_tensor"):
+                out[f"w.part.{name}"] = param.ds_tensor.detach().clone()
         return out
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:

@@ -1,14 +1,15 @@
 """distributed/zero_sync: the device-side replacements compute, bitwise, what DeepSpeed's own ZeRO-1/2 helpers
-compute."""
+compute; ZeRO-3's norm test keeps DeepSpeed's answer outside a changed optimizer's step."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
 import torch
-from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
+from deepspeed.runtime.utils import is_invalid_grad_norm, mask_nan_or_inf_with_val_inplace
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
+from pipeline.distributed import zero_sync
 from pipeline.distributed.zero_sync import clip_on_device, fill_non_finite
 
 
@@ -36,3 +37,16 @@ def test_clipping_on_the_device_equals_deepspeeds(clip, norm):
         assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all()), (a, b)  # bitwise
     if clip and norm == 3.0:  # the coefficient is real: 1 / (3 + 1e-6)
         torch.testing.assert_close(ours[0], flat[0] / (3.0 + 1e-6))
+
+
+@pytest.mark.parametrize("norm", [2.0, -1.0, float("inf"), float("nan")])
+def test_zero3_norm_test_reads_only_outside_a_changed_step(norm):
+    """Any other ZeRO-3 optimizer in the process (fp16, offload) still gets DeepSpeed's verdict; inside the step of
+    one ``install`` changed, a tensor norm is never read (the guard's flag skips an invalid one)."""
+    assert zero_sync.stage3_norm_check(torch.tensor(norm)) == is_invalid_grad_norm(torch.tensor(norm))
+    assert zero_sync.stage3_norm_check(norm) == is_invalid_grad_norm(norm)
+    zero_sync._stage3_stepping.on = True
+    try:
+        assert zero_sync.stage3_norm_check(torch.tensor(norm)) is False
+    finally:
+        zero_sync._stage3_stepping.on = False

@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class ZeroStrategy(DeepSpeedStrategy):
-    """``device_skips``: the training guard skips non-finite steps on the device, so ZeRO-1/2 in bf16 is set to
-    step without its own checks, and without reading anything back to the host (``zero_sync``)."""
+    """``device_skips``: the training guard skips non-finite steps on the device, so ZeRO (1, 2 and 3) in bf16 is
+    set to step without its own checks, and without reading anything back to the host (``zero_sync``)."""
 
     strategy_name = "vitpipe_deepspeed"
 

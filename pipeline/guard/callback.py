@@ -3,7 +3,7 @@ a rollback when the loss spikes or skipped steps pile up.
 
 A step is skipped on the device, without reading anything back: the flag goes to the fused AdamW kernel as
 its ``found_inf`` (the mechanism of torch's GradScaler), which then leaves weights, moments and step count
-bitwise as they were; under DeepSpeed the client optimizer inside ZeRO takes the same flag. ZeRO-1/2 in bf16
+bitwise as they were; under DeepSpeed the client optimizer inside ZeRO takes the same flag. ZeRO in bf16
 leaves the gradient check to the guard too (``distributed.zero_sync``): its norm joins the flag on the device,
 just before the client optimizer steps; elsewhere ZeRO's own check skips a non-finite gradient norm. The
 weight average (EMA) skips with it. Each step's flag and loss go into a device-side record, read back once
