@@ -424,20 +424,26 @@ def test_bf16_zero2_trains_as_fp32_skips_on_the_device_and_reads_nothing_back(ru
 def test_bf16_zero3_trains_as_fp32_skips_on_the_device_and_resumes_exactly(runs, fmnist_shards, tmp_path,
                                                                             child_env):
     """ZeRO-3 in bf16, 2 processes, with the monitor: every step trains on DDP fp32's samples to bf16 accuracy;
-    a step that neither logs nor checkpoints reads nothing back to the host; rank 1's infinite gradients of step
-    5 skip the step on both ranks with weights, fp32 masters and moments bitwise unchanged; a resume from step 3
-    (bf16 weights, fp32 masters and moments restored from the shards) repeats steps 4-6 bitwise."""
+    a step that neither logs nor checkpoints reads nothing back to the host, also the one after the reconstruction
+    figure (step 4: no forward pass of its own to break ZeRO-3's prefetch trace); rank 1's infinite gradients of
+    step 5 skip the step on both ranks with weights, fp32 masters and moments bitwise unchanged; a resume from
+    step 3 (bf16 weights, fp32 masters and moments restored from the shards) repeats steps 4-6 bitwise."""
+    from mlflow.tracking import MlflowClient
+
     work, again = tmp_path / "bf16", tmp_path / "again"
-    # no reconstruction figure: its extra forward pass makes ZeRO-3 record its module trace again next step
     bf16 = {"trainer.precision": "bf16-mixed", "monitor.every_n_steps": STEPS, "monitor.max_train": 100,
-            "monitor.max_val": 50, "tracking.recon_every_n_steps": 0}
+            "monitor.max_val": 50}
     faults = ("--inf-grad-at", "5", "--inf-grad-rank", "1")
-    proc = torchrun(strategy_overrides(fmnist_shards, work, 3, **bf16), child_env, *faults, "--profile-step", "4",
+    proc = torchrun(strategy_overrides(fmnist_shards, work, 3, **bf16), child_env, *faults, "--profile-step", "5",
                     str(work / "profile.json"), "--snapshot-at", "5", str(work / "snapshot"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     profile = json.loads((work / "profile.json").read_text())
     assert profile["reads"] > 0, "the profile did not cover an optimizer step"
     assert profile["syncs"] == [], f"host syncs in a ZeRO-3 bf16 step: {profile['syncs'][:3]}"
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    recon = [a.path for a in client.list_artifacts(run.info.run_id, "reconstructions")]
+    assert recon == ["reconstructions/reconstruction_step00000004.png"]
     first, want = traces(work), traces(runs["ddp"])
     for rank in (0, 1):
         for step in range(1, STEPS + 1):

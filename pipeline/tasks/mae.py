@@ -33,6 +33,8 @@ class MAEPretrainTask(StreamTask):
         super().__init__()
         self.model = MAE(model_cfg)
         self.optim_cfg, self.schedule = optim_cfg, schedule
+        self.keep_reconstructions = 0  # > 0: training steps keep that many (input, prediction, mask) rows
+        self.kept: tuple[torch.Tensor, ...] | None = None
 
     def masking_noise(self, keys: list[str], device: torch.device) -> torch.Tensor:
         """[B, L] uniform noise, a function of (seed, epoch, sample key) alone: the same sample is masked the
@@ -47,7 +49,10 @@ class MAEPretrainTask(StreamTask):
         if imgs.shape[0] == 0:  # every sample of this batch was corrupt
             return self.zero_step()
         noise = self.masking_noise(batch["key"], imgs.device) if batch.get("key") else None
-        loss, _, _ = self.model(imgs, noise)
+        loss, pred, mask = self.model(imgs, noise)
+        if self.keep_reconstructions:  # for the reconstruction figure: no forward pass of its own
+            n = self.keep_reconstructions
+            self.kept = tuple(t[:n].detach().clone() for t in (imgs, pred, mask))  # not views of the batch's
         self.record_loss(loss, imgs.shape[0])
         return loss
 
@@ -57,13 +62,8 @@ class MAEPretrainTask(StreamTask):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @torch.no_grad()
-    def reconstruction_grid(self, imgs: torch.Tensor, keys: list[str] | None = None, n: int = 8) -> torch.Tensor:
-        """Rows of (input, masked input, reconstruction) for ``n`` images, [3n, C, H, W], in input space."""
-        was_training = self.training
-        self.eval()
-        imgs = imgs[:n]
-        noise = self.masking_noise(keys[:n], imgs.device) if keys else None
-        _, pred, mask = self.model(imgs, noise)
-        masked, recon = self.model.reconstruct(imgs, pred, mask)
-        self.train(was_training)
-        return torch.stack([imgs, masked, recon], dim=1).flatten(0, 1)
+    def reconstruction_grid(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Rows of (input, masked input, reconstruction), [3B, C, H, W] in input space, from a forward pass's
+        images [B, C, H, W], predictions [B, L, p*p*C] and mask [B, L]."""
+        masked, recon = self.model.reconstruct(imgs.float(), pred.float(), mask.float())
+        return torch.stack([imgs.float(), masked, recon], dim=1).flatten(0, 1)

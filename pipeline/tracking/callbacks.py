@@ -17,25 +17,38 @@ from .device_log import log_number
 
 
 class ReconstructionImages(L.Callback):
-    """Every N steps, log a grid of (input | masked | reconstruction) rows as an MLflow image artifact."""
+    """Every N steps, log a grid of (input | masked | reconstruction) rows as an MLflow image artifact.
+
+    The grid comes from the step's own forward pass (the task keeps the first ``n`` rows of that step's
+    micro-batches, the last one's wins), not from a forward pass of its own: that would cost a forward, and
+    under ZeRO-3 break the trace of module calls DeepSpeed prefetches weights by (recorded again over the next
+    two steps, one of them unprefetched)."""
 
     def __init__(self, every_n_steps: int, mean: tuple[float, ...], std: tuple[float, ...], n: int = 8):
         self.every, self.n = every_n_steps, n
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self._last_step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._last_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        # on rank 0 only, in the micro-batches of a step that ends on a multiple of N
+        due = self.every and trainer.is_global_zero and (trainer.global_step + 1) % self.every == 0
+        pl_module.keep_reconstructions = self.n if due else 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int):
         step = trainer.global_step
-        if not self.every or step % self.every:
+        if step == self._last_step:  # inside a gradient accumulation: not a step boundary
             return
-        imgs, keys = batch["image"], batch.get("key")
-        if imgs.shape[0] == 0:  # every sample corrupt: still take part in the forward below, on a blank image
-            imgs, keys = imgs.new_zeros(1, *imgs.shape[1:]), None
-        # Every rank runs the forward: under ZeRO-3 it gathers parameter shards, a collective all must join.
-        grid = pl_module.reconstruction_grid(imgs, keys, self.n).float().cpu()
+        self._last_step = step
+        kept, pl_module.kept = pl_module.kept, None
+        pl_module.keep_reconstructions = 0
         logger = next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
-        if not trainer.is_global_zero or logger is None or batch["image"].shape[0] == 0:
+        if not self.every or step % self.every or kept is None or logger is None or kept[0].shape[0] == 0:
             return
+        grid = pl_module.reconstruction_grid(*kept).cpu()
         grid = (grid * self.std + self.mean).clamp(0, 1)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"reconstruction_step{step:08d}.png"
