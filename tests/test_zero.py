@@ -58,6 +58,20 @@ def assert_same_losses(got: dict, want: dict, steps) -> None:
                 f"rank {rank} step {step}"
 
 
+def assert_skipped_bitwise(work: Path, step: int, bf16_weights: str) -> None:
+    """The guard skipped ``step`` alone, and on both ranks its snapshot (``--snapshot-at``) shows weights, fp32
+    masters and optimizer moments bitwise unchanged; the weights under ``bf16_weights`` are bf16."""
+    events = [json.loads(line) for line in (work / "ckpt" / "guard_events.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["step"]) for e in events] == [("skipped", step)]
+    for rank in (0, 1):
+        snap = torch.load(work / f"snapshot.rank{rank}.pt")
+        before, after = snap["before"], snap["after"]
+        assert any(k.startswith("master.") for k in before) and before.keys() == after.keys()
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert changed == [], f"rank {rank}: the skipped step changed {changed[:5]}"
+        assert any(k.startswith(bf16_weights) and v.dtype == torch.bfloat16 for k, v in before.items())
+
+
 @pytest.fixture(scope="module")
 def runs(fmnist_shards, tmp_path_factory) -> dict:
     """Work folders of uninterrupted 2-process runs: "ddp" and ZeRO stages 1, 2, 3."""
@@ -405,15 +419,7 @@ def test_bf16_zero2_trains_as_fp32_skips_on_the_device_and_reads_nothing_back(ru
             if step <= 5:  # step 6 follows the skipped step 5
                 assert got[rank, step]["loss"] == pytest.approx(want[rank, step]["loss"], rel=2e-2), (rank, step)
 
-    events = [json.loads(line) for line in (work / "ckpt" / "guard_events.jsonl").read_text().splitlines()]
-    assert [(e["event"], e["step"]) for e in events] == [("skipped", 5)]
-    for rank in (0, 1):
-        snap = torch.load(work / f"snapshot.rank{rank}.pt")
-        before, after = snap["before"], snap["after"]
-        assert any(k.startswith("master.") for k in before) and before.keys() == after.keys()
-        changed = [k for k in before if not torch.equal(before[k], after[k])]
-        assert changed == [], f"rank {rank}: the skipped step changed {changed[:5]}"
-        assert any(v.dtype == torch.bfloat16 for k, v in before.items() if k.startswith("w."))
+    assert_skipped_bitwise(work, 5, bf16_weights="w.")
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
@@ -451,15 +457,7 @@ def test_bf16_zero3_trains_as_fp32_skips_on_the_device_and_resumes_exactly(runs,
             if step <= 5:  # bf16 rounding drifts over the steps (2 % at step 5 here); step 6 follows the skip
                 assert first[rank, step]["loss"] == pytest.approx(want[rank, step]["loss"], rel=4e-2), (rank, step)
     assert "kNN top-1 and RankMe every 6 steps" in proc.stdout
-    events = [json.loads(line) for line in (work / "ckpt" / "guard_events.jsonl").read_text().splitlines()]
-    assert [(e["event"], e["step"]) for e in events] == [("skipped", 5)]
-    for rank in (0, 1):
-        snap = torch.load(work / f"snapshot.rank{rank}.pt")
-        before, after = snap["before"], snap["after"]
-        assert any(k.startswith("master.") for k in before) and before.keys() == after.keys()
-        changed = [k for k in before if not torch.equal(before[k], after[k])]
-        assert changed == [], f"rank {rank}: the skipped step changed {changed[:5]}"
-        assert any(k.startswith("w.part.") and v.dtype == torch.bfloat16 for k, v in before.items())
+    assert_skipped_bitwise(work, 5, bf16_weights="w.part.")  # ZeRO-3: this rank's partitions of the weights
 
     shutil.copytree(work, again, ignore=shutil.ignore_patterns(f"step-{STEPS:08d}", "trace.rank*.jsonl"))
     proc = torchrun(strategy_overrides(fmnist_shards, again, 3, **bf16), child_env, *faults)
