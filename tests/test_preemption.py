@@ -24,6 +24,13 @@ def _run(overrides: dict, env: dict, *extra: str) -> subprocess.CompletedProcess
                           capture_output=True, text=True, timeout=600)
 
 
+def _mlflow_runs(work: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
 def _records(path: Path) -> list[tuple[int, list[str], float]]:
     """(global step at the micro-batch's end, its sample keys, its loss), in the order trained."""
     return [(r["step"], r["keys"], r["loss"]) for r in map(json.loads, path.read_text().splitlines())]
@@ -45,9 +52,14 @@ def test_sigusr1_mid_accumulation_checkpoints_at_the_step_and_resumes_exactly(fm
     assert sorted(p.name for p in (work / "ckpt").glob("step-*")) == ["step-00000004", "step-00000006"]
     assert max(step for step, *_ in _records(tmp_path / "pre.jsonl")) == 6  # nothing trained past the checkpoint
 
+    (run,) = _mlflow_runs(work)  # the stopped run: KILLED, and where it stopped
+    assert run.info.status == "KILLED" and run.data.tags["vitpipe.stopped_by"] == "SIGUSR1 at step 6"
+
     second = _run(pre, child_env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "step-00000006" in second.stderr
+    (resumed,) = _mlflow_runs(work)  # the resume continued that run to its end
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     want, got = _records(tmp_path / "ref.jsonl"), _records(tmp_path / "pre.jsonl")
     assert len(want) == 40 and got == want  # 10 steps x 4 micro-batches, nothing redone, losses exactly equal
     a = read_module_state(tmp_path / "ref" / "ckpt" / "step-00000010" / "state.ckpt")
@@ -96,4 +108,6 @@ def test_with_checkpoints_off_a_signal_stops_the_run_at_a_step_without_one(fmnis
     assert "SIGUSR1 received: stopping after step 2 (checkpoints are off: nothing to resume from)" in out.stderr
     assert "stopped by SIGUSR1 at step 2, no checkpoint (checkpoints are off)" in out.stdout
     assert not list(tmp_path.glob("ckpt/step-*"))
+    (run,) = _mlflow_runs(tmp_path)
+    assert run.info.status == "KILLED" and run.data.tags["vitpipe.stopped_by"] == "SIGUSR1 at step 2"
     assert [step for step, *_ in _records(tmp_path / "trace.jsonl")] == [1, 2]

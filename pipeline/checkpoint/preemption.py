@@ -24,7 +24,7 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
@@ -66,8 +66,9 @@ class PreemptionStop(L.Callback):
     """Stops the run at the step boundary after a held signal (see ``held_signals``), with a checkpoint when
     there is a ``saver`` (checkpoints on)."""
 
-    def __init__(self, saver: CommittedCheckpoint | None):
+    def __init__(self, saver: CommittedCheckpoint | None, on_stop: Callable[[str, int], None] | None = None):
         self.saver = saver
+        self.on_stop = on_stop  # told (signal name, step) when the run stops: the tracking run's status
         self.preempted: int | None = None  # the signal number once the run stopped for it
         self._last_step = -1
 
@@ -112,6 +113,8 @@ class PreemptionStop(L.Callback):
             self.saver.save(trainer)
         self.preempted = signum
         trainer.should_stop = True
+        if self.on_stop is not None:
+            self.on_stop(name, trainer.global_step)
 
 
 def end_preempted_stage(requeue: bool) -> None:

@@ -92,8 +92,9 @@ class RunRecord:
         recipe = self.recipe
         if self.previous is None:
             _start_run(logger, recipe, datamodule, tags, params)
-        else:  # the end of the run this one continues, if the server missed it
+        else:  # the end of the run this one continues, if the server missed it, then that run goes on
             settle_final_status(self.root, resolve_uri(recipe.tracking))
+            logger.mark_resumed()
         if recipe.checkpoint.enabled:
             self.root.mkdir(parents=True, exist_ok=True)
             self.write_config(self.root)

@@ -209,7 +209,7 @@ def fit(recipe: RunRecipe, plan: RunPlan, training: Training, extra_callbacks: S
     callbacks.extend(shown)
     if saver is not None:  # last: a checkpoint holds what every other callback did at that step
         callbacks.append(saver)
-    preemption = PreemptionStop(saver)
+    preemption = PreemptionStop(saver, on_stop=logger.mark_stopped if logger is not None else None)
     callbacks.append(preemption)
     trainer = L.Trainer(
         accelerator=tr.accelerator, devices=layout.devices, num_nodes=layout.num_nodes,

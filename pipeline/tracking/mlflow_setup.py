@@ -21,11 +21,24 @@ class ResilientMLFlowLogger(MLFlowLogger):
                          artifact_location=artifact_location, run_id=run_id, log_model=False)
         self._mlflow_client = ResilientClient(self._mlflow_client, cooldown_s=cooldown_s)
         self.unsettled: dict | None = None  # the final status, when the server did not take it
+        self.stopped_by: str | None = None  # a signal that stopped the run before its end (``mark_stopped``)
 
     @property
     def tracking(self) -> ResilientClient:
         """The wrapped client, with its counts (``failed_calls``, ``dropped_calls``) and ``summary()``."""
         return self._mlflow_client
+
+    @rank_zero_only
+    def mark_stopped(self, signal_name: str, step: int) -> None:
+        """The run stops early for ``signal_name`` (a preemption): MLflow shows it KILLED, with a tag saying
+        where, until a resume continues it (``mark_resumed``) and ends it FINISHED."""
+        self.stopped_by = signal_name
+        self.experiment.set_tag(self.run_id, "vitpipe.stopped_by", f"{signal_name} at step {step}")
+
+    @rank_zero_only
+    def mark_resumed(self) -> None:
+        """A resume continues this run: RUNNING again while it trains (a stop had ended it KILLED)."""
+        self.experiment.update_run(self.run_id, status="RUNNING")
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
@@ -36,6 +49,8 @@ class ResilientMLFlowLogger(MLFlowLogger):
         if self._checkpoint_callback:
             self._scan_and_log_checkpoints(self._checkpoint_callback)
         status = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED"}.get(status, status)
+        if status == "FINISHED" and self.stopped_by is not None:  # Lightning ends a stopped fit as a success
+            status = "KILLED"
         before, end_time = self.tracking.failures, int(time.time() * 1000)
         self.experiment.set_terminated(self.run_id, status, end_time=end_time)
         if self.tracking.failures > before:  # the server did not take it: the training stage keeps it
