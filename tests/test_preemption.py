@@ -25,7 +25,7 @@ def _run(overrides: dict, env: dict, *extra: str) -> subprocess.CompletedProcess
 
 
 def _mlflow_runs(work: Path) -> list:
-    from mlflow.tracking import MlflowClient
+    from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     return client.search_runs([e.experiment_id for e in client.search_experiments()])

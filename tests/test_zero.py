@@ -434,7 +434,7 @@ def test_bf16_zero3_trains_as_fp32_skips_on_the_device_and_resumes_exactly(runs,
     figure (step 4: no forward pass of its own to break ZeRO-3's prefetch trace); rank 1's infinite gradients of
     step 5 skip the step on both ranks with weights, fp32 masters and moments bitwise unchanged; a resume from
     step 3 (bf16 weights, fp32 masters and moments restored from the shards) repeats steps 4-6 bitwise."""
-    from mlflow.tracking import MlflowClient
+    from mlflow import MlflowClient
 
     work, again = tmp_path / "bf16", tmp_path / "again"
     bf16 = {"trainer.precision": "bf16-mixed", "monitor.every_n_steps": STEPS, "monitor.max_train": 100,
