@@ -30,6 +30,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from ..step_boundary import StepBoundary
 from .callback import CommittedCheckpoint
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class PreemptionStop(L.Callback):
         self.saver = saver
         self.on_stop = on_stop  # told (signal name, step) when the run stops: the tracking run's status
         self.preempted: int | None = None  # the signal number once the run stopped for it
-        self._last_step = -1
+        self.boundary = StepBoundary()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Before Lightning installs its handlers (later in the same call): it must not, see the module's text.
@@ -83,13 +84,12 @@ class PreemptionStop(L.Callback):
             loop._broadcast_sigterm_tensor = lambda: None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_step = trainer.global_step
+        self.boundary.start(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.global_step == self._last_step:  # inside a gradient accumulation: not a step boundary
+        if not self.boundary.crossed(trainer):
             return
-        self._last_step = trainer.global_step
         if trainer.world_size == 1:
             signum = received() or 0
         elif trainer.global_step % trainer.log_every_n_steps == 0:  # a logging step: the ranks sync there anyway

@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from ..step_boundary import StepBoundary
 from .config import MonitorConfig
 from .features import EvalTransform, LabelledSplit
 from .knn import knn_accuracy
@@ -35,7 +36,10 @@ class PretrainMonitor(L.Callback):
         self.transform = EvalTransform(image_size, normalisation["mean"], normalisation["std"], crop_pct=1.0)
         self._bank: dict[str, torch.Tensor] | None = None
         self.seconds = 0.0  # spent looking, over this process's run
-        self._last = -1  # the step looked at last (a step's micro-batches end more than once)
+        self.boundary = StepBoundary()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.boundary.start(trainer)  # a resume at a multiple of every_n_steps does not look again
 
     def _read(self, split: str, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
         """images [N, 3, H, W] and labels [N] of the first ``limit`` readable, labelled samples of ``split``."""
@@ -78,9 +82,8 @@ class PretrainMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int):
         step = trainer.global_step
-        if step == 0 or step % self.cfg.every_n_steps or self._last == step:
+        if not self.boundary.crossed(trainer) or step == 0 or step % self.cfg.every_n_steps:
             return
-        self._last = step
         encoder = getattr(getattr(pl_module, "model", None), "encoder", None)
         if encoder is None:
             return

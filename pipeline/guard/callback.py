@@ -27,6 +27,7 @@ from ..checkpoint.store import STEP_DIR, newest_sound
 from ..distributed import zero_sync
 from ..distributed.gather import every_rank
 from ..errors import RunStopped
+from ..step_boundary import StepBoundary
 from ..tasks.optim import skips_by_found_inf
 from .config import GuardConfig
 from .detector import Detector, Verdict
@@ -97,6 +98,7 @@ class StepGuard(L.Callback):
         self._pending: Verdict | None = None  # found at a checkpoint, acted on at the next logging step
         self._hook: Any = None  # under ZeRO-1/2 in bf16: the client optimizer's pre-step hook
         self._recent: dict[int, list[str]] = {}  # this rank's sample keys of the last ``window`` steps judged
+        self.boundary = StepBoundary()
 
     @property
     def state_key(self) -> str:
@@ -123,7 +125,7 @@ class StepGuard(L.Callback):
         self._divisor = torch.tensor([1.0, float(trainer.world_size)], device=device)
         self._keys: list[list[str]] = [[] for _ in range(n)]  # this rank's sample keys of each of those steps
         self._done = trainer.global_step  # steps the detector has seen
-        self._stepped = trainer.global_step
+        self.boundary.start(trainer)
         engine = getattr(trainer.strategy, "deepspeed_engine", None)
         self._engine = engine
         self._ds_skipped = engine.skipped_steps if engine is not None else 0
@@ -178,11 +180,10 @@ class StepGuard(L.Callback):
                            batch_idx: int) -> None:
         step = trainer.global_step
         slot = (step - 1) % len(self._keys)
-        if step == self._stepped:  # a micro-batch of an accumulation: its keys belong to the coming step
+        if not self.boundary.crossed(trainer):  # a micro-batch of an accumulation: its keys belong to the coming step
             self._keys[step % len(self._keys)].extend(batch.get("key", []))
             return
         self._keys[slot].extend(batch.get("key", []))
-        self._stepped = step
         if self._engine is not None and self._engine.skipped_steps > self._ds_skipped:
             # ZeRO found the gradient norm non-finite and skipped (it read the norm back: no sync of ours)
             self._ds_skipped = self._engine.skipped_steps

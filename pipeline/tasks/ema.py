@@ -9,6 +9,7 @@ import lightning as L
 import torch
 
 from ..guard import step_applied
+from ..step_boundary import StepBoundary
 
 STATE_KEY = "WeightEMA"
 
@@ -22,7 +23,7 @@ class WeightEMA(L.Callback):
             raise ValueError(f"ema_decay {decay} is not in (0, 1)")
         self.decay = decay
         self.shadow: dict[str, torch.Tensor] | None = None
-        self.step = -1  # the global step the shadow includes
+        self.boundary = StepBoundary()  # its step: the global step the shadow includes
 
     @property
     def state_key(self) -> str:
@@ -35,7 +36,7 @@ class WeightEMA(L.Callback):
         current = self._weights(pl_module)
         if self.shadow is None:  # a fresh run (a resume has loaded the saved average already)
             self.shadow = {k: v.detach().float().clone() for k, v in current.items()}
-            self.step = trainer.global_step
+            self.boundary.start(trainer)
         else:
             self.shadow = {k: v.to(current[k].device) for k, v in self.shadow.items()}
 
@@ -47,7 +48,7 @@ class WeightEMA(L.Callback):
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.global_step == self.step:  # an accumulation micro-batch: the weights did not change
+        if not self.boundary.crossed(trainer):  # an accumulation micro-batch: the weights did not change
             return
         # A step the guard skipped leaves the average bitwise as it was: weight 0, decided on the device.
         applied = step_applied(trainer)
@@ -56,11 +57,10 @@ class WeightEMA(L.Callback):
         current = self._weights(pl_module)
         torch._foreach_lerp_([self.shadow[k] for k in current], [v.detach().float() for v in current.values()],
                              weight)
-        self.step = trainer.global_step
 
     def state_dict(self) -> dict[str, Any]:
         shadow = {k: v.cpu() for k, v in (self.shadow or {}).items()}
-        return {"decay": self.decay, "step": self.step, "shadow": shadow}
+        return {"decay": self.decay, "step": self.boundary.step, "shadow": shadow}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.shadow, self.step = state["shadow"], state["step"]
+        self.shadow, self.boundary.step = state["shadow"], state["step"]

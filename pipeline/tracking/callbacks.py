@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from torchvision.utils import save_image
 
+from ..step_boundary import StepBoundary
 from .device_log import log_number
 
 
@@ -28,10 +29,10 @@ class ReconstructionImages(L.Callback):
         self.every, self.n = every_n_steps, n
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
-        self._last_step = -1
+        self.boundary = StepBoundary()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self._last_step = trainer.global_step
+        self.boundary.start(trainer)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         # on rank 0 only, in the micro-batches of a step that ends on a multiple of N
@@ -39,10 +40,9 @@ class ReconstructionImages(L.Callback):
         pl_module.keep_reconstructions = self.n if due else 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int):
-        step = trainer.global_step
-        if step == self._last_step:  # inside a gradient accumulation: not a step boundary
+        if not self.boundary.crossed(trainer):
             return
-        self._last_step = step
+        step = trainer.global_step
         kept, pl_module.kept = pl_module.kept, None
         pl_module.keep_reconstructions = 0
         logger = next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)

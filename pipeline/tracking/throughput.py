@@ -18,6 +18,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from ..step_boundary import StepBoundary
+
 log = logging.getLogger(__name__)
 
 # (name fragments that must all appear, 16-bit dense TFLOP/s, FP32 TFLOP/s or None when unknown); first match wins
@@ -48,7 +50,7 @@ class Throughput(L.Callback):
 
     def __init__(self, flops_per_image: int | None, peak: float | None = None):
         self.flops, self.peak = flops_per_image, peak
-        self.images, self.step = 0, 0
+        self.images, self.boundary = 0, StepBoundary()
         self.window: tuple[float, int] | None = None  # (time, images) at the window's start
         self.windows: list[tuple[float, int]] = []  # (seconds, images on this rank) of each finished window
         self.note: str | None = None
@@ -65,7 +67,7 @@ class Throughput(L.Callback):
                          "set trainer.peak_tflops")
         if self.note:
             log.info(self.note)
-        self.step = trainer.global_step
+        self.boundary.start(trainer)
         self._sync(device)
         self.window = (time.perf_counter(), 0)
 
@@ -76,10 +78,9 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int):
         self.images += batch["image"].shape[0] + int(batch.get("skipped", 0))  # delivered, bad ones included
-        if trainer.global_step == self.step:  # not the last micro-batch of an optimizer step
+        if not self.boundary.crossed(trainer):
             return
-        self.step = trainer.global_step
-        if self.step % trainer.log_every_n_steps or self.window is None:
+        if trainer.global_step % trainer.log_every_n_steps or self.window is None:
             return
         self._sync(pl_module.device)  # the window's end: one synchronisation per logging step
         now = time.perf_counter()
