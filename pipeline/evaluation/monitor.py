@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from ..distributed.zero3_trace import outside_the_trace
 from ..step_boundary import StepBoundary
 from .config import MonitorConfig
 from .features import EvalTransform, LabelledSplit
@@ -92,8 +93,9 @@ class PretrainMonitor(L.Callback):
             self._bank = self._load()
         b, was_training = self._bank, encoder.training
         encoder.eval()
-        bank = self._features(encoder, b["bank"], trainer, pl_module.device)
-        query = self._features(encoder, b["query"], trainer, pl_module.device)
+        with outside_the_trace(trainer.strategy):  # ZeRO-3 keeps prefetching the training steps' weights
+            bank = self._features(encoder, b["bank"], trainer, pl_module.device)
+            query = self._features(encoder, b["query"], trainer, pl_module.device)
         encoder.train(was_training)
         classes = int(max(b["bank_labels"].max(), b["query_labels"].max())) + 1
         top1 = knn_accuracy(bank, b["bank_labels"], query, b["query_labels"], classes, self.cfg.knn)
