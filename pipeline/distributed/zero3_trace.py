@@ -12,8 +12,9 @@ trace, so the pass gathers each module's weights when it runs and releases them 
 it has a trace. Weights that were gathered before the pass are marked in use for its duration, so they stay
 gathered. The engine's coordinator, its trace and fetch queue untouched, takes over again at the next training
 step, with the same weights gathered as if the pass had not run. The copy shares the engine's registry of
-in-flight gathers, which is empty between steps. DeepSpeed 0.19 keeps one coordinator per engine
-(``param_coordinator``); where it is not found, the pass runs on the engine's coordinator, as before.
+in-flight gathers: invalidating the copy's trace waits for any gather left in it and releases it, as the
+engine's next step would. DeepSpeed 0.19 keeps one coordinator per engine (``param_coordinator``); where it is
+not found, the pass runs on the engine's coordinator, as before.
 """
 from __future__ import annotations
 
@@ -22,7 +23,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-_IN_USE = "outside_the_trace"  # in a parameter's ds_active_sub_modules (module ids): not released meanwhile
+
+class _InUse:
+    """Put in a gathered parameter's ``ds_active_sub_modules`` (the ids of the modules using it) while a pass
+    runs: DeepSpeed releases only parameters no module uses. One per pass, so a nested pass unmarks its own."""
+
+    def __repr__(self) -> str:
+        return "outside_the_trace"
 
 
 @contextmanager
@@ -37,15 +44,16 @@ def outside_the_trace(strategy: Any) -> Iterator[None]:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     gathered = [p for p in offload.module.parameters() if getattr(p, "ds_status", None) == ZeroParamStatus.AVAILABLE]
-    for param in gathered:
-        param.ds_active_sub_modules.add(_IN_USE)
-    side = copy.copy(coordinator)
-    if not side.is_invalid_trace():
-        side._invalidate_trace()  # on the copy: new, empty trace structures; the engine's keep theirs
-    offload.param_coordinator = side
+    mark = _InUse()
     try:
+        for param in gathered:
+            param.ds_active_sub_modules.add(mark)
+        side = copy.copy(coordinator)
+        if not side.is_invalid_trace():
+            side._invalidate_trace()  # on the copy: new, empty trace structures; the engine's keep theirs
+        offload.param_coordinator = side
         yield
-    finally:
+    finally:  # also when the set-up or the pass raised
         offload.param_coordinator = coordinator
         for param in gathered:
-            param.ds_active_sub_modules.discard(_IN_USE)
+            param.ds_active_sub_modules.discard(mark)

@@ -73,11 +73,11 @@ class PretrainMonitor(L.Callback):
     @torch.no_grad()
     def _features(self, encoder: torch.nn.Module, images: torch.Tensor, trainer: L.Trainer,
                   device: torch.device) -> torch.Tensor:
-        # forward(), not __call__: the encoder's own weights are reached as training reaches them (under ZeRO-3
-        # its module hooks would release weights that the training forward expects in place). The images take
-        # the precision's input dtype, as a training batch does (bf16 under DeepSpeed's bf16).
+        # Called as a module, so under ZeRO-3 its hooks gather the encoder's own weights (CLS token) too; the
+        # caller's ``outside_the_trace`` keeps what was gathered before. The images take the precision's input
+        # dtype, as a training batch does (bf16 under DeepSpeed's bf16).
         convert = trainer.precision_plugin.convert_input
-        feats = [encoder.forward(convert(images[i:i + 128].to(device)))[:, 0].float().cpu()
+        feats = [encoder(convert(images[i:i + 128].to(device)))[:, 0].float().cpu()
                  for i in range(0, len(images), 128)]
         return torch.cat(feats)  # [N, D] CLS tokens
 
@@ -93,10 +93,12 @@ class PretrainMonitor(L.Callback):
             self._bank = self._load()
         b, was_training = self._bank, encoder.training
         encoder.eval()
-        with outside_the_trace(trainer.strategy):  # ZeRO-3 keeps prefetching the training steps' weights
-            bank = self._features(encoder, b["bank"], trainer, pl_module.device)
-            query = self._features(encoder, b["query"], trainer, pl_module.device)
-        encoder.train(was_training)
+        try:
+            with outside_the_trace(trainer.strategy):  # ZeRO-3 keeps prefetching the training steps' weights
+                bank = self._features(encoder, b["bank"], trainer, pl_module.device)
+                query = self._features(encoder, b["query"], trainer, pl_module.device)
+        finally:
+            encoder.train(was_training)
         classes = int(max(b["bank_labels"].max(), b["query_labels"].max())) + 1
         top1 = knn_accuracy(bank, b["bank_labels"], query, b["query_labels"], classes, self.cfg.knn)
         metrics = {"monitor/knn_top1": top1, "monitor/rankme": rankme(query)}
