@@ -10,8 +10,8 @@ import lightning as L
 
 
 class StepBoundary:
-    def __init__(self, step: int = -1):
-        self.step = step  # the global step seen last (-1: none yet, so the first micro-batch ends one)
+    def __init__(self) -> None:
+        self.step = -1  # the global step seen last (-1: none yet, so the first micro-batch ends one)
 
     def start(self, trainer: L.Trainer) -> None:
         """At the start of training (a resume included): the step the run begins at is not a boundary."""

@@ -83,7 +83,8 @@ class PretrainMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int):
         step = trainer.global_step
-        if not self.boundary.crossed(trainer) or step == 0 or step % self.cfg.every_n_steps:
+        # crossed() is never true at the step training started from (0 or the resumed step): start() saw it
+        if not self.boundary.crossed(trainer) or step % self.cfg.every_n_steps:
             return
         encoder = getattr(getattr(pl_module, "model", None), "encoder", None)
         if encoder is None:
