@@ -75,7 +75,7 @@ say "vitpipe and its dependencies (Lightning, timm, DeepSpeed, WebDataset, MLflo
 # It reads no pip configuration, which is fine here: torch, the only package this machine's pip settings
 # constrain, is installed above, and constraints.txt pins it. Without uv, pip does the same.
 if [ -x "$venv/bin/uv" ] || "${pip[@]}" install "uv==0.13.9" 2> >(quiet); then
-  with_ticker "installing vitpipe" "$venv/bin/uv" pip install -q --python "$venv/bin/python" \
+  with_ticker "installing vitpipe" "$venv/bin/uv" pip install -q --compile-bytecode --python "$venv/bin/python" \
     -c "$root/scripts/constraints.txt" -e "$root[test]"
 else
   with_ticker "installing vitpipe" "${pip[@]}" install -c "$root/scripts/constraints.txt" -e "$root[test]" 2> >(quiet)
