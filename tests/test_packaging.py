@@ -1,8 +1,10 @@
-"""The wheel carries recipes and job templates, and an installed vitpipe resolves them without the repo."""
+"""The wheel carries recipes and job templates, and an installed vitpipe resolves them without the repo; the
+project environment holds its dependencies compiled."""
 from __future__ import annotations
 
 import subprocess
 import zipfile
+from pathlib import Path
 
 from conftest import PYTHON, REPO
 
@@ -32,3 +34,19 @@ def test_wheel_bundles_recipes_and_jobs(tmp_path):
     assert recipe.startswith(str(target)) and recipe.endswith("_bundled/recipes/mae/vit_large16.yaml")
     assert jobs.startswith(str(target))
     assert int(count) == len(list((REPO / "recipes").rglob("*.yaml")))
+
+
+def test_the_environment_holds_compiled_bytecode_of_the_heavy_dependencies():
+    """Where Python writes no bytecode (PYTHONDONTWRITEBYTECODE), a process of an environment installed without
+    it compiles Lightning, torchmetrics, MLflow and timm from source each time it starts (15 s here):
+    scripts/install.sh has them compiled at install time."""
+    import importlib.util
+
+    import lightning
+    import mlflow
+    import timm
+    import torchmetrics
+
+    for module in (lightning, torchmetrics, mlflow, timm):
+        cached = importlib.util.cache_from_source(module.__file__)
+        assert Path(cached).is_file(), f"{module.__name__}: no {cached}"
