@@ -1,4 +1,4 @@
-"""Test-only faults injected into a real training run through callbacks.
+"""Test-only faults injected into a real training run through callbacks, and probes that report its state.
 
 Each fault fires a fixed number of times over the life of the callback, so a run the guard rolls back (the
 same process, the same callbacks, step numbers counted again from the checkpoint) does not meet it again.
@@ -7,10 +7,12 @@ Steps are 1-based optimizer steps: the step a batch trains.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -191,3 +193,63 @@ class StopServerAtEnd(L.Callback):
             except OSError:
                 return
             time.sleep(0.1)
+
+
+class KillWhileSaving(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAt(L.Callback):
+    """Global rank ``rank`` sends itself SIGUSR1 after its ``batch``-th micro-batch of this process (mid
+    gradient accumulation if so chosen; 0: in the Trainer's set-up), as `scancel --signal=USR1` would."""
+
+    def __init__(self, batch: int, rank: int):
+        self.batch, self.rank, self.seen = batch, rank, 0
+
+    def setup(self, trainer, pl_module, stage):
+        if self.batch == 0 and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen += 1
+        if self.seen == self.batch and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+class EngineReport(L.Callback):
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def on_train_end(self, trainer, pl_module):
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)
+        report = {"rank": trainer.global_rank, "world_size": trainer.world_size, "num_nodes": trainer.num_nodes,
+                  "stage": None}
+        if engine is not None:
+            params = list(engine.module.parameters())
+            stage = int(engine.zero_optimization_stage())
+            opt = engine.optimizer
+            if stage == 3:  # each parameter keeps only its partition in ds_tensor
+                local = sum(p.ds_tensor.numel() for p in params)
+                master = opt.fp32_partitioned_groups_flat
+            else:  # ZeRO 1/2: one flat fp32 partition per parameter group
+                local = sum(t.numel() for t in opt.single_partition_of_fp32_groups)
+                master = opt.single_partition_of_fp32_groups
+            moments = sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel()
+                          for s in opt.optimizer.state.values() if "exp_avg" in s)
+            report.update(stage=stage, total=sum(getattr(p, "ds_numel", p.numel()) for p in params),
+                          local_weights=local, local_master=sum(t.numel() for t in master), local_moments=moments)
+        out = self.path.with_name(f"{self.path.name}.rank{trainer.global_rank}.json")
+        out.write_text(json.dumps(report))
+
+
+class SaveOnStart(L.Callback):
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        trainer.save_checkpoint(self.path)

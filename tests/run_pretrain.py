@@ -25,26 +25,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from pathlib import Path
-
-import lightning as L
-import torch
-from fault_injection import (
-    InfGradient,
-    NoSpaceAt,
-    NoSpaceOnRank,
-    PoisonBatch,
-    SigkillAt,
-    Snapshot,
-    SpikeLoss,
-    StopServerAtEnd,
-)
-
-from pipeline.recipe import load_recipe
-from pipeline.stages.train import train as pretrain
-from pipeline.tracking.step_profile import StepProfile
 
 
 def _option(name: str, at: int = 1) -> str | None:
@@ -52,69 +34,32 @@ def _option(name: str, at: int = 1) -> str | None:
     return sys.argv[sys.argv.index(name) + at] if name in sys.argv else None
 
 
-class KillWhileSaving(L.Callback):
-    def __init__(self, step: int):
-        self.step = step
+def main() -> None:
+    # Imported here, not at the top: a loader worker that a fork server starts runs this file again as
+    # ``__mp_main__`` (multiprocessing re-imports the parent's main script in the child), and Lightning's
+    # import alone costs each such worker about 7 s of CPU.
+    import torch
+    from fault_injection import (
+        EngineReport,
+        InfGradient,
+        KillWhileSaving,
+        NoSpaceAt,
+        NoSpaceOnRank,
+        PoisonBatch,
+        SaveOnStart,
+        SigkillAt,
+        SignalAt,
+        Snapshot,
+        SpikeLoss,
+        StopServerAtEnd,
+    )
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+    from pipeline.recipe import load_recipe
+    from pipeline.stages.train import train as pretrain
+    from pipeline.tracking.step_profile import StepProfile
 
-
-class SignalAt(L.Callback):
-    """Global rank ``rank`` sends itself SIGUSR1 after its ``batch``-th micro-batch of this process (mid
-    gradient accumulation if so chosen; 0: in the Trainer's set-up), as `scancel --signal=USR1` would."""
-
-    def __init__(self, batch: int, rank: int):
-        self.batch, self.rank, self.seen = batch, rank, 0
-
-    def setup(self, trainer, pl_module, stage):
-        if self.batch == 0 and trainer.global_rank == self.rank:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.seen += 1
-        if self.seen == self.batch and trainer.global_rank == self.rank:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-
-class EngineReport(L.Callback):
-    def __init__(self, path: str):
-        self.path = Path(path)
-
-    def on_train_end(self, trainer, pl_module):
-        engine = getattr(trainer.strategy, "deepspeed_engine", None)
-        report = {"rank": trainer.global_rank, "world_size": trainer.world_size, "num_nodes": trainer.num_nodes,
-                  "stage": None}
-        if engine is not None:
-            params = list(engine.module.parameters())
-            stage = int(engine.zero_optimization_stage())
-            opt = engine.optimizer
-            if stage == 3:  # each parameter keeps only its partition in ds_tensor
-                local = sum(p.ds_tensor.numel() for p in params)
-                master = opt.fp32_partitioned_groups_flat
-            else:  # ZeRO 1/2: one flat fp32 partition per parameter group
-                local = sum(t.numel() for t in opt.single_partition_of_fp32_groups)
-                master = opt.single_partition_of_fp32_groups
-            moments = sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel()
-                          for s in opt.optimizer.state.values() if "exp_avg" in s)
-            report.update(stage=stage, total=sum(getattr(p, "ds_numel", p.numel()) for p in params),
-                          local_weights=local, local_master=sum(t.numel() for t in master), local_moments=moments)
-        out = self.path.with_name(f"{self.path.name}.rank{trainer.global_rank}.json")
-        out.write_text(json.dumps(report))
-
-
-class SaveOnStart(L.Callback):
-    def __init__(self, path: str):
-        self.path = path
-
-    def on_train_start(self, trainer, pl_module):
-        trainer.save_checkpoint(self.path)
-
-
-if __name__ == "__main__":
     overrides = json.loads(sys.argv[1])
-    callbacks: list[L.Callback] = []
+    callbacks: list = []
     if (step := _option("--kill-in-checkpoint-at")) is not None:
         callbacks.append(KillWhileSaving(int(step)))
     if (path := _option("--engine-report")) is not None:
@@ -153,3 +98,7 @@ if __name__ == "__main__":
         report = {"reads": len(profile.scalar_reads()), "syncs": profile.host_syncs()}
         Path(_option("--profile-step", 2)).write_text(json.dumps(report))
     sys.exit(128 + result.preempted if result.preempted else 0)
+
+
+if __name__ == "__main__":
+    main()
