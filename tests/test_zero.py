@@ -137,20 +137,6 @@ def test_compiled_blocks_train_to_the_eager_losses(runs, stage, fmnist_shards, t
         assert got[rank, step]["loss"] == pytest.approx(want[rank, step]["loss"], rel=1e-4), (rank, step)
 
 
-def test_killed_zero3_run_resumes_to_the_uninterrupted_losses(runs, fmnist_shards, tmp_path, child_env):
-    work = tmp_path / "killed"
-    overrides = strategy_overrides(fmnist_shards, work, 3)
-    first = torchrun(overrides, child_env, "--kill-in-checkpoint-at", str(2 * EVERY))
-    assert first.returncode != 0
-    ckpt = work / "ckpt"
-    assert (ckpt / f".step-{2 * EVERY:08d}.partial").is_dir()  # half written, never to be resumed from
-    assert sorted(p.name for p in ckpt.glob("step-*")) == [f"step-{EVERY:08d}"]
-    second = torchrun(overrides, child_env)
-    assert second.returncode == 0, second.stderr[-4000:]
-    assert f"resuming from {ckpt / f'step-{EVERY:08d}'}" in second.stderr
-    assert_same_losses(traces(work), traces(runs[3]), range(1, STEPS + 1))
-
-
 def two_nodes(per_node: list[dict], env: dict, *extra: str) -> list[tuple[int, str]]:
     """Two torchrun "nodes" of one process each on this host (c10d rendezvous); (return code, stderr) of each."""
     endpoint = f"127.0.0.1:{free_port()}"
@@ -162,48 +148,45 @@ def two_nodes(per_node: list[dict], env: dict, *extra: str) -> list[tuple[int, s
     return [(n.returncode, err) for n, err in zip(nodes, errs)]
 
 
-def test_two_nodes_of_one_process_equal_one_node_of_two(runs, fmnist_shards, tmp_path, child_env):
-    work = tmp_path / "nodes"
-    overrides = strategy_overrides(fmnist_shards, work, 2)
-    for code, err in two_nodes([overrides, overrides], child_env, "--engine-report", str(work / "engine")):
-        assert code == 0, err[-4000:]
-    for rank in (0, 1):
-        report = json.loads((work / f"engine.rank{rank}.json").read_text())
-        assert (report["num_nodes"], report["world_size"], report["stage"]) == (2, 2, 2)
-    assert_same_losses(traces(work), traces(runs[2]), range(1, STEPS + 1))
-
-
-def test_nodes_without_a_shared_disk_resume_from_the_s3_mirror(runs, fmnist_shards, tmp_path, child_env,
-                                                               s3_server):  # noqa: F811
-    """Each node checkpoints to its own disk and the mirror holds all ranks' files. Preempted at step 6, then
-    restarted on fresh disks (new pods): both nodes fetch step 3 from S3 and reproduce the uninterrupted run."""
+def test_zero3_on_two_nodes_without_a_shared_disk_resumes_from_the_s3_mirror(runs, fmnist_shards, tmp_path,
+                                                                          child_env, s3_server):  # noqa: F811
+    """Two torchrun "nodes" of one process each (c10d rendezvous) train ZeRO-3 to the losses of one node of two.
+    Each node checkpoints to its own disk and the mirror holds all ranks' files. Killed (SIGKILL) while writing
+    the checkpoint of step 6, then restarted on fresh disks (new pods): the half-written step is never used, both
+    nodes fetch step 3 from S3 and reproduce the uninterrupted run."""
     import s3fs
 
-    work, mirror = tmp_path / "mirrored", "s3://vitpipe-checkpoints/zero2-two-nodes"
+    work, mirror = tmp_path / "mirrored", "s3://vitpipe-checkpoints/zero3-two-nodes"
     env = {**child_env, **s3_server.env("admin")}
-    per_node = [strategy_overrides(fmnist_shards, work, 2, **{"checkpoint.dir": work / f"disk{n}",
+    per_node = [strategy_overrides(fmnist_shards, work, 3, **{"checkpoint.dir": work / f"disk{n}",
                                                                "checkpoint.mirror": mirror}) for n in (0, 1)]
     results = two_nodes(per_node, env, "--kill-in-checkpoint-at", str(2 * EVERY))
     assert all(code != 0 for code, _ in results)
+    disk0 = work / "disk0"
+    assert (disk0 / f".step-{2 * EVERY:08d}.partial").is_dir()  # half written, never to be resumed from
+    assert sorted(p.name for p in disk0.glob("step-*")) == [f"step-{EVERY:08d}"]
     node1 = {p.name for p in (work / "disk1" / f"step-{EVERY:08d}").rglob("*.pt")}
-    assert node1 == {"zero_pp_rank_1_mp_rank_00_optim_states.pt"}  # its own shard only: no shared disk
+    assert node1 and all(n.startswith("zero_pp_rank_1_") for n in node1), node1  # its own shards: no shared disk
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_server.endpoint, key=env["AWS_ACCESS_KEY_ID"],
                            secret=env["AWS_SECRET_ACCESS_KEY"])
     bucket_step = f"{mirror[5:]}/step-{EVERY:08d}"
     names = {p.rsplit("/", 1)[-1] for p in fs.find(bucket_step)}
-    assert {"COMPLETE", "config.yaml", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-            "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= names
+    assert {"COMPLETE", "config.yaml", "zero_pp_rank_0_mp_rank_00_model_states.pt",
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= names
     assert not fs.exists(f"{mirror[5:]}/step-{2 * EVERY:08d}/COMPLETE")
 
     for n in (0, 1):
         shutil.rmtree(work / f"disk{n}")
-    results = two_nodes(per_node, env)
+    results = two_nodes(per_node, env, "--engine-report", str(work / "engine"))
     for code, err in results:
         assert code == 0, err[-4000:]
-    assert f"resuming from {work / 'disk0' / f'step-{EVERY:08d}'}" in results[0][1]
+    assert f"resuming from {disk0 / f'step-{EVERY:08d}'}" in results[0][1]
     assert all(f"of checkpoint step {EVERY} from {mirror}" in err for _, err in results)
-    assert_same_losses(traces(work), traces(runs[2]), range(1, STEPS + 1))
+    for rank in (0, 1):
+        report = json.loads((work / f"engine.rank{rank}.json").read_text())
+        assert (report["num_nodes"], report["world_size"], report["stage"]) == (2, 2, 3)
+    assert_same_losses(traces(work), traces(runs[3]), range(1, STEPS + 1))
     assert fs.exists(f"{mirror[5:]}/step-{STEPS:08d}/COMPLETE")
 
 
@@ -317,11 +300,10 @@ def test_large_mae_trains_under_zero3_on_two_processes(recipe, params, fmnist_sh
     assert not (work / "ckpt").exists()
 
 
-@pytest.mark.parametrize("stage, precision", [(3, "32-true"), (2, "bf16-mixed")])
-def test_finetune_under_zero_evaluates_and_registers_the_trained_weights(runs, fmnist_shards, tmp_path, child_env,
-                                                                         monkeypatch, stage, precision):
-    """The classifier is read back from the sharded checkpoint (no process holds all of it in memory); in bf16,
-    the registered weights are the fp32 masters the optimizer kept, not the bf16 copy the forward used."""
+def test_finetune_under_bf16_zero3_evaluates_and_registers_the_trained_weights(runs, fmnist_shards, tmp_path,
+                                                                               child_env, monkeypatch):
+    """The classifier is read back from the sharded checkpoint (no process holds all of it in memory), and the
+    registered weights are the fp32 masters the optimizer kept, not the bf16 copy the forward used."""
     from mlflow import MlflowClient
 
     from pipeline.checkpoint.state import read_module_state, submodule_state
@@ -337,7 +319,7 @@ def test_finetune_under_zero_evaluates_and_registers_the_trained_weights(runs, f
     overrides = {"model.init": str(init), "model.image_size": "[16, 16]", "model.eval_limit": "200",
                  "data.train": str(fmnist_shards / "train"), "data.val": str(fmnist_shards / "val"),
                  "data.num_workers": "1", "trainer.global_batch": "16", "trainer.max_steps": "4",
-                 "trainer.strategy": "deepspeed", "zero.stage": str(stage), "trainer.precision": precision,
+                 "trainer.strategy": "deepspeed", "zero.stage": "3", "trainer.precision": "bf16-mixed",
                  "optim.warmup_steps": "1",
                  "checkpoint.dir": str(tmp_path / "ft"), "tracking.uri": uri, "register.name": "clf",
                  "register.alias": "x"}
