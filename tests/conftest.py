@@ -1,9 +1,13 @@
 """Shared fixtures: tiny Fashion-MNIST shards and a tiny recipe built on the fly."""
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -28,6 +32,30 @@ def fmnist_shards(tmp_path_factory) -> Path:
     return out
 
 
+@functools.cache
+def _store_template() -> Path:
+    """An empty MLflow SQLite store, made once per test session (per pytest process)."""
+    from mlflow import MlflowClient
+
+    folder = Path(tempfile.mkdtemp(prefix="vitpipe-mlflow-template-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()  # creates the schema
+    return folder / "mlflow.db"
+
+
+def mlflow_store(folder: Path) -> str:
+    """The URI of an MLflow SQLite store at ``folder/mlflow.db``, copied from the session's empty store when
+    there is none yet. MLflow makes a new store by running every one of its schema migrations (2-3 s on a CI
+    machine, most of a tiny run's tracking cost); a copy holds the same schema and opens in a tenth of a second.
+    The template is made in the tests' working directory, as a run's store would be, so even its unused Default
+    experiment is the same. The demo and CLI tests still have their stores made by the run."""
+    db = folder / "mlflow.db"
+    if not db.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_store_template(), db)
+    return f"sqlite:///{db}"
+
+
 def tiny_overrides(shards: Path, work: Path, **extra) -> dict[str, str]:
     """Overrides that shrink the demo recipe to a model and run that take seconds on CPU."""
     base = {
@@ -37,7 +65,7 @@ def tiny_overrides(shards: Path, work: Path, **extra) -> dict[str, str]:
         "data.train": str(shards / "train"), "data.val": str(shards / "val"),
         "trainer.global_batch": "16", "trainer.max_steps": "8", "optim.warmup_steps": "2",
         "checkpoint.dir": str(work / "ckpt"), "checkpoint.every_n_steps": "4",
-        "tracking.uri": f"sqlite:///{work / 'mlflow.db'}", "tracking.recon_every_n_steps": "4",
+        "tracking.uri": mlflow_store(work), "tracking.recon_every_n_steps": "4",
     }
     base.update({k: str(v) for k, v in extra.items()})
     return base

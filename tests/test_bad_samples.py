@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import PYTHON, tiny_overrides
+from conftest import PYTHON, mlflow_store, tiny_overrides
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -157,7 +157,7 @@ def deit_overrides(shards: Path, work: Path, **extra) -> dict[str, str]:
             "data.train": str(shards), "data.val": str(shards), "data.num_workers": "1",
             "trainer.global_batch": "8", "trainer.max_steps": "6", "trainer.log_every_n_steps": "2",
             "optim.warmup_steps": "1", "checkpoint.enabled": "false", "checkpoint.dir": str(work / "ckpt"),
-            "tracking.uri": f"sqlite:///{work / 'mlflow.db'}", **{k: str(v) for k, v in extra.items()}}
+            "tracking.uri": mlflow_store(work), **{k: str(v) for k, v in extra.items()}}
 
 
 @pytest.mark.slow

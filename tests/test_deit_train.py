@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import mlflow_store
 from mlflow import MlflowClient
 
 from pipeline.checkpoint.state import read_callback_state
@@ -24,7 +25,7 @@ FMNIST = {"mean": [0.286] * 3, "std": [0.353] * 3}
 def overrides(shards, work, **extra) -> dict[str, str]:
     return {"data.train": str(shards / "train"), "data.val": str(shards / "val"), "trainer.max_steps": "4",
             "trainer.global_batch": "16", "optim.warmup_steps": "1", "checkpoint.dir": str(work / "ckpt"),
-            "checkpoint.every_n_steps": "2", "tracking.uri": f"sqlite:///{work / 'mlflow.db'}",
+            "checkpoint.every_n_steps": "2", "tracking.uri": mlflow_store(work),
             "trainer.log_every_n_steps": "1", **{k: str(v) for k, v in extra.items()}}
 
 
@@ -170,7 +171,7 @@ def test_cnn_teacher_trained_and_registered_by_the_pipeline_teaches_a_student(fm
 
     monkeypatch.setenv("VITPIPE_CACHE", str(tmp_path / "cache"))
     cnn = pretrain(load_recipe("classify/resnet_fmnist", overrides(fmnist_shards, tmp_path / "cnn", **{
-        "model.eval_limit": 100, "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})), resume="none")
+        "model.eval_limit": 100, "tracking.uri": mlflow_store(tmp_path)})), resume="none")
     assert "val/top1" in metrics(tmp_path, cnn.run_id)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     trained = build_timm("resnet10t", 10, 3).eval()

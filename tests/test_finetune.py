@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import mlflow_store, tiny_overrides
 from mlflow import MlflowClient
 
 from pipeline.exports.vit import load_classifier
@@ -56,7 +56,7 @@ def test_drop_path_rises_linearly_to_the_last_block():
 
 def test_finetune_from_the_registry_at_another_resolution(fmnist_shards, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VITPIPE_CACHE", str(tmp_path / "cache"))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     pre = load_recipe("mae/tiny_fmnist", tiny_overrides(
         fmnist_shards, tmp_path / "pre", **{"tracking.uri": uri, "register.name": "enc", "register.alias": "x"}))
     pretrained = pretrain(pre, resume="none")

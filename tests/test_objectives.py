@@ -12,7 +12,7 @@ from typing import Any, Literal
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PYTHON, REPO
+from conftest import PYTHON, REPO, mlflow_store
 from safetensors.torch import load_file
 from torch import nn
 
@@ -117,7 +117,7 @@ def patch_ae():
 
 def settings(shards: Path, work: Path) -> dict[str, str]:
     return {"data.train": str(shards / "train"), "data.val": str(shards / "val"),
-            "checkpoint.dir": str(work / "ckpt"), "tracking.uri": f"sqlite:///{work / 'mlflow.db'}"}
+            "checkpoint.dir": str(work / "ckpt"), "tracking.uri": mlflow_store(work)}
 
 
 def test_a_new_objective_trains_exports_registers_and_evaluates(patch_ae, fmnist_shards, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import mlflow_store
 
 from pipeline.recipe import load_recipe
 
@@ -31,7 +32,7 @@ def test_legacy_checkpoint_resumes(legacy_run: Path):
     work = legacy_run
     recipe = load_recipe(str(work / "ckpt" / "config.yaml"), {
         "data.train": str(work / "shards" / "train"), "data.val": str(work / "shards" / "val"),
-        "checkpoint.dir": str(work / "ckpt"), "tracking.uri": f"sqlite:///{work / 'mlflow.db'}"})
+        "checkpoint.dir": str(work / "ckpt"), "tracking.uri": mlflow_store(work)})
     result = pretrain(recipe, resume="auto")
     assert result.global_step == 4  # continued from step 2 to the recipe's max_steps
     assert result.checkpoint.name == "step-00000004"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import PYTHON, tiny_overrides
+from conftest import PYTHON, mlflow_store, tiny_overrides
 from mlflow import MlflowClient
 from mlflow_server import mlflow_server  # noqa: F401  (fixture)
 
@@ -96,7 +96,7 @@ def test_pretrain_register_evaluate_on_a_real_server(mlflow_server, fmnist_shard
 
 
 def test_auto_register_adds_versions_and_moves_the_alias(fmnist_shards, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     for i in (1, 2):
         recipe = load_recipe("mae/tiny_fmnist", tiny_overrides(
             fmnist_shards, tmp_path / f"run{i}", **{"tracking.uri": uri, "trainer.max_steps": 2,
@@ -113,7 +113,7 @@ def test_auto_register_adds_versions_and_moves_the_alias(fmnist_shards, tmp_path
 @pytest.fixture
 def store(tmp_path):
     """A SQLite tracking store with one run whose export folder can be tampered with."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "artifacts")))
     return uri, client, run.info.run_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import mlflow_store
 from mlflow import MlflowClient
 
 from pipeline.cli import main
@@ -31,7 +32,7 @@ def test_evaluate_at_another_image_size_resamples_says_so_and_logs_it(fmnist_sha
     enc = ViTEncoder(ViTConfig(size="tiny", image_size=(16, 16), patch_size=4, embed_dim=32, depth=1, num_heads=2,
                                pos_embed="learned"))
     export = write_export(tmp_path / "export", enc, None, {"mean": [0.5] * 3, "std": [0.5] * 3})
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     common = ["evaluate", "--model", str(export), "--train", str(fmnist_shards / "train"), "--val",
               str(fmnist_shards / "val"), "--max-train", "64", "--max-val", "32", "--protocol", "knn",
               "--crop-pct", "1.0", "--tracking-uri", uri]

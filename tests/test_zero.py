@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_process_tree, tiny_overrides
+from conftest import REPO, mlflow_store, run_process_tree, tiny_overrides
 from mlflow_server import free_port
 from s3_server import s3_server  # noqa: F401  (fixture)
 
@@ -283,7 +283,7 @@ def test_large_mae_trains_under_zero3_on_two_processes(recipe, params, fmnist_sh
         # no loader worker: a worker forked from this multi-GiB process pins a copy of every page the training
         # process rewrites afterwards (weights, Adam state), which doubled the memory of the ViT-H run
         "data.num_workers": "0", "checkpoint.enabled": "false", "checkpoint.dir": str(work / "ckpt"),
-        "tracking.uri": f"sqlite:///{work / 'mlflow.db'}", "tracking.recon_every_n_steps": "0",
+        "tracking.uri": mlflow_store(work), "tracking.recon_every_n_steps": "0",
         "tracking.system_metrics_every_n_steps": "0", "register.name": "null", "zero.sub_group_size": "50000000",
         "zero.reduce_bucket_size": "50000000", "zero.allgather_bucket_size": "50000000",
         "zero.stage3_max_live_parameters": "50000000", "zero.stage3_max_reuse_distance": "0",
@@ -315,7 +315,7 @@ def test_finetune_under_bf16_zero3_evaluates_and_registers_the_trained_weights(r
 
     monkeypatch.setenv("VITPIPE_CACHE", str(tmp_path / "cache"))
     init = export_checkpoint(runs[3] / "ckpt" / f"step-{STEPS:08d}", tmp_path / "init")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path)
     overrides = {"model.init": str(init), "model.image_size": "[16, 16]", "model.eval_limit": "200",
                  "data.train": str(fmnist_shards / "train"), "data.val": str(fmnist_shards / "val"),
                  "data.num_workers": "1", "trainer.global_batch": "16", "trainer.max_steps": "4",
@@ -363,7 +363,7 @@ def test_deit_student_with_a_teacher_under_zero2_equals_ddp(fmnist_shards, tmp_p
         overrides = {"data.train": fmnist_shards / "train", "data.val": fmnist_shards / "val",
                      "trainer.max_steps": 4, "trainer.global_batch": 16, "optim.warmup_steps": 1,
                      "checkpoint.dir": work / "ckpt", "checkpoint.every_n_steps": 2, "data.num_workers": 1,
-                     "tracking.uri": f"sqlite:///{work / 'mlflow.db'}", "trainer.sample_trace": work / "trace.jsonl",
+                     "tracking.uri": mlflow_store(work), "trainer.sample_trace": work / "trace.jsonl",
                      "model.distill.kind": "soft", "model.teacher.model": teacher, "model.encoder.drop_path": 0.1,
                      "data.transform.rand_augment": "rand-m9-mstd0.5-inc1", "model.eval_limit": 100, **strategy}
         proc = torchrun({k: str(v) for k, v in overrides.items()}, child_env, "--recipe", "deit/tiny_fmnist")
