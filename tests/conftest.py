@@ -32,6 +32,19 @@ def fmnist_shards(tmp_path_factory) -> Path:
     return out
 
 
+# The files that take longest (a `--durations=0` run of the whole suite), first: scripts/test.sh hands whole
+# files to its workers in collection order, and a long file handed out last would keep one worker busy alone
+# at the end. The other files follow in their usual order.
+LONGEST_FIRST = ("test_zero.py", "test_s3.py", "test_slurm.py", "test_guard.py", "test_jobs.py",
+                 "test_preemption.py", "test_tracking_credentials.py", "test_demo.py", "test_resume.py",
+                 "test_faults.py", "test_gpu_suite.py", "test_deit_train.py", "test_pretrain.py", "test_monitor.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
 @functools.cache
 def _store_template() -> Path:
     """An empty MLflow SQLite store, made once per test session (per pytest process)."""
