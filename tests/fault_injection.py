@@ -196,6 +196,8 @@ class StopServerAtEnd(L.Callback):
 
 
 class KillWhileSaving(L.Callback):
+    """The process SIGKILLs itself while writing the checkpoint of ``step``: a half-written checkpoint."""
+
     def __init__(self, step: int):
         self.step = step
 
@@ -222,6 +224,9 @@ class SignalAt(L.Callback):
 
 
 class EngineReport(L.Callback):
+    """At the end, each rank writes ``PATH.rank<R>.json``: its ZeRO stage and how many elements of the weights,
+    fp32 masters and Adam moments it holds, against the model's total."""
+
     def __init__(self, path: str):
         self.path = Path(path)
 
@@ -248,6 +253,8 @@ class EngineReport(L.Callback):
 
 
 class SaveOnStart(L.Callback):
+    """Once restored and before the first step, the state is saved as the strategy writes it, to ``path``."""
+
     def __init__(self, path: str):
         self.path = path
 
