@@ -70,7 +70,8 @@ def mlflow_store(folder: Path) -> str:
 
 
 def tiny_overrides(shards: Path, work: Path, **extra) -> dict[str, str]:
-    """Overrides that shrink the demo recipe to a model and run that take seconds on CPU."""
+    """Overrides that shrink the demo recipe to a model and run that take seconds on CPU; without a
+    ``tracking.uri`` of the caller's, the run tracks to a store in ``work`` (``mlflow_store``)."""
     base = {
         "model.encoder.size": "tiny", "model.encoder.depth": "2", "model.encoder.embed_dim": "64",
         "model.encoder.num_heads": "4", "model.encoder.image_size": "[16, 16]", "model.encoder.patch_size": "4",
@@ -78,7 +79,9 @@ def tiny_overrides(shards: Path, work: Path, **extra) -> dict[str, str]:
         "data.train": str(shards / "train"), "data.val": str(shards / "val"),
         "trainer.global_batch": "16", "trainer.max_steps": "8", "optim.warmup_steps": "2",
         "checkpoint.dir": str(work / "ckpt"), "checkpoint.every_n_steps": "4",
-        "tracking.uri": mlflow_store(work), "tracking.recon_every_n_steps": "4",
+        # a store of the caller's (a server, a shared file) is used as given: nothing copied into work
+        "tracking.uri": extra["tracking.uri"] if "tracking.uri" in extra else mlflow_store(work),
+        "tracking.recon_every_n_steps": "4",
     }
     base.update({k: str(v) for k, v in extra.items()})
     return base
