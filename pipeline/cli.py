@@ -385,5 +385,14 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace, list[str]], int | None], bo
 }
 
 
+def console() -> None:
+    """The ``vitpipe`` command: ``main``, then the process ends."""
+    from .shutdown import skip_final_collections
+
+    code = main()
+    skip_final_collections()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
