@@ -55,6 +55,7 @@ def main() -> None:
     )
 
     from pipeline.recipe import load_recipe
+    from pipeline.shutdown import skip_final_collections
     from pipeline.stages.train import train as pretrain
     from pipeline.tracking.step_profile import StepProfile
 
@@ -97,6 +98,7 @@ def main() -> None:
     if profile is not None and rank == 0:
         report = {"reads": len(profile.scalar_reads()), "syncs": profile.host_syncs()}
         Path(_option("--profile-step", 2)).write_text(json.dumps(report))
+    skip_final_collections()
     sys.exit(128 + result.preempted if result.preempted else 0)
 
 
