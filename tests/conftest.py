@@ -95,6 +95,31 @@ def child_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+# ``[*PROGRAM, "script.py" | "-m", "module", args...]`` runs like ``[PYTHON, ...]``, forked from the session's
+# zygote (tests/zygote.py) with torch, Lightning, DeepSpeed, timm and MLflow already imported.
+PROGRAM = (PYTHON, str(REPO / "tests" / "zygote_client.py"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def zygote():
+    """Starts the zygote for this pytest process and names it in ``VITPIPE_TEST_ZYGOTE``, which every child
+    environment copies. It imports in the background; a client waits for it. ``VITPIPE_TEST_ZYGOTE=off``:
+    each program starts as a process of its own."""
+    if os.environ.get("VITPIPE_TEST_ZYGOTE") == "off":
+        yield None
+        return
+    folder = Path(tempfile.mkdtemp(prefix="vz-"))  # a short path: a socket's is at most 107 bytes
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = open(folder / "zygote.log", "w")
+    proc = subprocess.Popen([PYTHON, "-u", str(REPO / "tests" / "zygote.py"), str(folder / "socket")], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    os.environ["VITPIPE_TEST_ZYGOTE"] = f"{proc.pid}:{folder / 'socket'}"
+    yield proc
+    os.environ.pop("VITPIPE_TEST_ZYGOTE", None)
+    proc.kill()
+    proc.wait()
+    log.close()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_process_tree(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
