@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import PYTHON, mlflow_store, tiny_overrides
+from conftest import PROGRAM, mlflow_store, tiny_overrides
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -213,7 +213,7 @@ def test_ddp_ranks_stop_together_when_only_one_rank_sees_bad_samples(tmp_path, c
         "data.max_bad_fraction": 0.1, "data.bad_grace_samples": 16, "checkpoint.enabled": "false"})
     o["data.train"] = o["data.val"] = str(tmp_path / "s")
     flags = [x for k, v in o.items() for x in (f"--{k}", str(v))]
-    out = subprocess.run([PYTHON, "-m", "pipeline.cli", "pretrain", "--config", "mae/tiny_fmnist", *flags],
+    out = subprocess.run([*PROGRAM, "-m", "pipeline.cli", "pretrain", "--config", "mae/tiny_fmnist", *flags],
                          env=child_env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 2, out.stderr[-3000:]
     assert "8 of the 32 samples delivered so far (25.0%) were bad" in out.stderr

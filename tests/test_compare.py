@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import subprocess
 
-from conftest import PYTHON
+from conftest import PROGRAM
 
 
 def test_compare_writes_timm_benchmark_columns_and_a_plot(tmp_path, child_env):
-    out = subprocess.run([PYTHON, "-m", "pipeline.cli", "compare", "--models", "vit_tiny_patch16_224,resnet10t",
+    out = subprocess.run([*PROGRAM, "-m", "pipeline.cli", "compare", "--models", "vit_tiny_patch16_224,resnet10t",
                           "--image-size", "32", "--batch", "2", "--steps", "1", "--out", str(tmp_path)],
                          env=child_env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

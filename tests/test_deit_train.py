@@ -116,9 +116,8 @@ def test_killed_deit_run_resumes_to_the_uninterrupted_losses(fmnist_shards, tmp_
     depth) is drawn from the data's keys: a run killed mid-checkpoint and resumed reproduces the losses."""
     import json
     import subprocess
-    import sys
 
-    from conftest import REPO
+    from conftest import PROGRAM, REPO
 
     torch.manual_seed(0)
     enc = ViTEncoder(ViTConfig(size="tiny", embed_dim=32, depth=1, num_heads=4, image_size=(16, 16), patch_size=4))
@@ -131,7 +130,7 @@ def test_killed_deit_run_resumes_to_the_uninterrupted_losses(fmnist_shards, tmp_
             "data.transform.rand_augment": "rand-m9-mstd0.5-inc1", "data.transform.random_erase": 0.25,
             "model.mixup.prob": 1.0, "model.encoder.drop_path": 0.1, "model.ema_decay": 0.9,
             "model.distill.kind": "soft", "model.teacher.model": teacher})
-        return subprocess.run([sys.executable, str(REPO / "tests" / "run_pretrain.py"), json.dumps(o), "--recipe",
+        return subprocess.run([*PROGRAM, str(REPO / "tests" / "run_pretrain.py"), json.dumps(o), "--recipe",
                                "deit/tiny_fmnist", *extra], env=child_env, capture_output=True, text=True,
                               timeout=600)
 

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import PYTHON, tiny_overrides
+from conftest import PROGRAM, tiny_overrides
 from safetensors.torch import load_file
 
 from pipeline.exports.vit import load_encoder
@@ -20,11 +20,11 @@ def test_export_round_trip(fmnist_shards, tmp_path, child_env):
     o = tiny_overrides(fmnist_shards, tmp_path, **{"trainer.max_steps": 3, "model.encoder.pos_embed": "learned",
                                                    "tracking.recon_every_n_steps": 0})
     flags = [x for k, v in o.items() for x in (f"--{k}", str(v))]
-    train = subprocess.run([PYTHON, "-m", "pipeline.cli", "pretrain", "--config", "mae/tiny_fmnist", *flags],
+    train = subprocess.run([*PROGRAM, "-m", "pipeline.cli", "pretrain", "--config", "mae/tiny_fmnist", *flags],
                            env=child_env, capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stderr[-3000:]
     out = tmp_path / "export"
-    exp = subprocess.run([PYTHON, "-m", "pipeline.cli", "export", "--checkpoint", str(tmp_path / "ckpt"),
+    exp = subprocess.run([*PROGRAM, "-m", "pipeline.cli", "export", "--checkpoint", str(tmp_path / "ckpt"),
                           "--out", str(out)], env=child_env, capture_output=True, text=True, timeout=600)
     assert exp.returncode == 0, exp.stderr[-3000:]
     assert "step-00000003" in exp.stdout

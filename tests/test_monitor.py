@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import PYTHON, REPO, tiny_overrides
+from conftest import PROGRAM, REPO, tiny_overrides
 from mlflow import MlflowClient
 
 from pipeline.evaluation.monitor import rankme
@@ -31,7 +31,7 @@ def _curve(db, name: str) -> dict[int, float]:
 
 
 def _run(overrides: dict, env: dict, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, str(REPO / "tests" / "run_pretrain.py"), json.dumps(overrides), *extra],
+    return subprocess.run([*PROGRAM, str(REPO / "tests" / "run_pretrain.py"), json.dumps(overrides), *extra],
                           env=env, capture_output=True, text=True, timeout=600)
 
 

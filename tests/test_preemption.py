@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, REPO, tiny_overrides
+from conftest import PROGRAM, PYTHON, REPO, tiny_overrides
 
 from pipeline.checkpoint.state import read_module_state
 
@@ -20,7 +20,7 @@ RUNNER = str(REPO / "tests" / "run_pretrain.py")
 
 
 def _run(overrides: dict, env: dict, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, RUNNER, json.dumps({k: str(v) for k, v in overrides.items()}), *extra], env=env,
+    return subprocess.run([*PROGRAM, RUNNER, json.dumps({k: str(v) for k, v in overrides.items()}), *extra], env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -76,7 +76,7 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(fmnist_shards, t
                                                   "data.num_workers": 1, "trainer.strategy": "ddp",
                                                   "trainer.sample_trace": tmp_path / "trace.jsonl"})
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), RUNNER, json.dumps({k: str(v) for k, v in o.items()}),
+           "--master-port", str(free_port()), PROGRAM[1], RUNNER, json.dumps({k: str(v) for k, v in o.items()}),
            "--signal-at", "3", "--signal-rank", "1"]
     out = subprocess.run(cmd, env=child_env, capture_output=True, text=True, timeout=600)
     assert out.returncode != 0  # both ranks exit with 128 + SIGUSR1, which torchrun reports as a failure

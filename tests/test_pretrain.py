@@ -4,14 +4,14 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from conftest import PYTHON, tiny_overrides
+from conftest import PROGRAM, tiny_overrides
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 
 
 def _cli(args: list[str], env: dict, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "pipeline.cli", *args], env=env, cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([*PROGRAM, "-m", "pipeline.cli", *args], env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=600)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import PYTHON, mlflow_store, tiny_overrides
+from conftest import PROGRAM, mlflow_store, tiny_overrides
 from mlflow import MlflowClient
 from mlflow_server import mlflow_server  # noqa: F401  (fixture)
 
@@ -167,7 +167,7 @@ def test_registered_files_must_match_the_version_tags(store, fmnist_shards, tmp_
 
 def test_cli_evaluate_unknown_model_exits_with_its_name(fmnist_shards, tmp_path, child_env):
     MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").search_experiments()  # a store without that model
-    out = subprocess.run([PYTHON, "-m", "pipeline.cli", "evaluate", "--model", "models:/ghost@prod",
+    out = subprocess.run([*PROGRAM, "-m", "pipeline.cli", "evaluate", "--model", "models:/ghost@prod",
                           "--train", str(fmnist_shards / "train"), "--val", str(fmnist_shards / "val"),
                           "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
                          capture_output=True, text=True, env=child_env, timeout=300)

@@ -7,13 +7,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, REPO, tiny_overrides
+from conftest import PROGRAM, REPO, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 
 def _run(overrides: dict, env: dict, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, str(REPO / "tests" / "run_pretrain.py"), json.dumps(overrides), *extra],
+    return subprocess.run([*PROGRAM, str(REPO / "tests" / "run_pretrain.py"), json.dumps(overrides), *extra],
                           env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -60,12 +60,11 @@ def test_killed_and_resumed_run_matches_uninterrupted(fmnist_shards, tmp_path, c
 
 def test_resume_on_fewer_processes_finishes_the_epoch_without_repeats(fmnist_shards, tmp_path, child_env):
     """2 DDP processes stop mid-epoch; 1 process resumes: epoch 0 holds all 2,000 samples, each once."""
-    import sys
 
     def cli(extra: dict, trace: str) -> subprocess.CompletedProcess:
         o = tiny_overrides(fmnist_shards, tmp_path, **{"data.num_workers": 1, "checkpoint.every_n_steps": 20,
                                                        "trainer.sample_trace": tmp_path / trace, **extra})
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", "pretrain", "--config", "mae/tiny_fmnist",
+        return subprocess.run([*PROGRAM, "-m", "pipeline.cli", "pretrain", "--config", "mae/tiny_fmnist",
                                *(f"--{k}={v}" for k, v in o.items())], env=child_env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=600)
 

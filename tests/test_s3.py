@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_overrides
+from conftest import PROGRAM, REPO, tiny_overrides
 from s3_server import s3_server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
@@ -17,7 +16,7 @@ SHARDS = "s3://vitpipe-shards/fmnist"
 
 
 def vitpipe(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, cwd=cwd, capture_output=True,
+    return subprocess.run([*PROGRAM, "-m", "pipeline.cli", *args], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=600)
 
 
@@ -176,7 +175,7 @@ def test_truncated_shard_object_is_skipped_and_counted(s3_server, s3_shards, mon
 
 def test_killed_run_resumes_mid_epoch_from_s3_with_the_same_samples(s3_server, s3_shards, tmp_path):  # noqa: F811
     """kill -9 while writing a checkpoint, resume: the same per-step sample keys as an uninterrupted run."""
-    runner = [sys.executable, str(REPO / "tests" / "run_pretrain.py")]
+    runner = [*PROGRAM, str(REPO / "tests" / "run_pretrain.py")]
     env = env_for(s3_server, "reader")
 
     def overrides(work: Path) -> str:

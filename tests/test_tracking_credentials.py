@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PYTHON, REPO, tiny_overrides
+from conftest import PROGRAM, REPO, tiny_overrides
 from mlflow_server import MlflowServer
 from s3_server import s3_server  # noqa: F401  (fixture)
 
@@ -38,7 +38,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def vitpipe(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "pipeline.cli", *args], env=env, cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([*PROGRAM, "-m", "pipeline.cli", *args], env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=600)
 
 

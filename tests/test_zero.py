@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, mlflow_store, run_process_tree, tiny_overrides
+from conftest import PROGRAM, REPO, mlflow_store, run_process_tree, tiny_overrides
 from mlflow_server import free_port
 from s3_server import s3_server  # noqa: F401  (fixture)
 
@@ -27,8 +27,8 @@ def torchrun(overrides: dict, env: dict, *extra: str, nproc: int = 2, program: t
              timeout: float = 600) -> subprocess.CompletedProcess:
     """``nproc`` processes on this node running the test runner with ``overrides`` (or ``program``)."""
     launch = ("--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(free_port()))
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, *(program or (RUNNER, json.dumps(overrides))),
-           *extra]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, PROGRAM[1],
+           *(program or (RUNNER, json.dumps(overrides))), *extra]
     return run_process_tree(cmd, env, timeout)
 
 
@@ -142,7 +142,7 @@ def two_nodes(per_node: list[dict], env: dict, *extra: str) -> list[tuple[int, s
     endpoint = f"127.0.0.1:{free_port()}"
     cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
              "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "vitpipe-test",
-             "--local-addr", "127.0.0.1", RUNNER, json.dumps(overrides), *extra] for overrides in per_node]
+             "--local-addr", "127.0.0.1", PROGRAM[1], RUNNER, json.dumps(overrides), *extra] for overrides in per_node]
     nodes = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
     errs = [n.communicate(timeout=600)[1] for n in nodes]
     return [(n.returncode, err) for n, err in zip(nodes, errs)]
