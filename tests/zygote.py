@@ -5,7 +5,8 @@ process, under torchrun once per rank, and each of them used to import torch, Li
 MLflow again: 12-15 s of CPU, most of a tiny run. ``tests/zygote_client.py`` stands in for ``python`` in such
 a command: it hands its arguments, environment, working folder and standard streams to this server, which
 forks a copy of itself to run the program, so a launch starts with those modules already imported. The
-program itself, its arguments and what the launcher sees (pid, signals, exit status) are unchanged.
+program and its arguments are unchanged, and the launcher still has a child of its own that takes signals and
+ends as the program ends (its pid is the client's; the program runs in a process group of its own).
 
 Protocol, one connection per program: the client sends a length-prefixed JSON request ``{"args", "env",
 "cwd"}`` with its stdin, stdout and stderr as ancillary file descriptors. A *monitor*, forked per connection,
