@@ -25,7 +25,8 @@ RUNNER = str(REPO / "tests" / "run_pretrain.py")
 
 def torchrun(overrides: dict, env: dict, *extra: str, nproc: int = 2, program: tuple[str, ...] = (),
              timeout: float = 600) -> subprocess.CompletedProcess:
-    """``nproc`` processes on this node running the test runner with ``overrides`` (or ``program``)."""
+    """``nproc`` processes on this node running the test runner with ``overrides`` (or ``program``); torchrun
+    starts the zygote's client for each rank, which runs it forked with the stack imported (conftest.PROGRAM)."""
     launch = ("--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(free_port()))
     cmd = [sys.executable, "-m", "torch.distributed.run", *launch, PROGRAM[1],
            *(program or (RUNNER, json.dumps(overrides))), *extra]
