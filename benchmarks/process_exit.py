@@ -23,6 +23,7 @@ from pathlib import Path
 from pipeline.stages.shard import shard_fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
 CHILD = """
 import gc, json, os, sys, time
 from pipeline.cli import main
@@ -39,16 +40,12 @@ sys.exit(code)
 
 
 def flags(shards: Path, work: Path) -> list[str]:
-    """A tiny pretrain of 4 steps writing into ``work``."""
-    overrides = {
-        "model.encoder.size": "tiny", "model.encoder.depth": 2, "model.encoder.embed_dim": 64,
-        "model.encoder.num_heads": 4, "model.encoder.image_size": "[16, 16]", "model.encoder.patch_size": 4,
-        "model.decoder.depth": 1, "model.decoder.dim": 32, "model.decoder.num_heads": 4,
-        "data.train": shards / "train", "data.val": shards / "val", "data.num_workers": 1,
-        "trainer.global_batch": 16, "trainer.max_steps": 4, "optim.warmup_steps": 1,
-        "trainer.strategy": "deepspeed", "zero.stage": 2, "checkpoint.dir": work / "ckpt",
-        "checkpoint.every_n_steps": 2, "tracking.uri": f"sqlite:///{work / 'mlflow.db'}",
-    }
+    """The tests' tiny pretrain, 4 steps under ZeRO-2, writing into ``work``."""
+    from conftest import tiny_overrides
+
+    overrides = tiny_overrides(shards, work, **{"trainer.max_steps": 4, "optim.warmup_steps": 1,
+                                                "data.num_workers": 1, "trainer.strategy": "deepspeed",
+                                                "zero.stage": 2, "checkpoint.every_n_steps": 2})
     return [f"--{k}={v}" for k, v in overrides.items()]
 
 
