@@ -87,11 +87,14 @@ def tiny_overrides(shards: Path, work: Path, **extra) -> dict[str, str]:
     return base
 
 
+def child_environ() -> dict[str, str]:
+    """This process's environment with the repository first on PYTHONPATH: what a child program runs with."""
+    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
 @pytest.fixture
 def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return child_environ()
 
 
 PYTHON = sys.executable
@@ -109,9 +112,9 @@ def zygote():
         yield None
         return
     folder = Path(tempfile.mkdtemp(prefix="vz-"))  # a short path: a socket's is at most 107 bytes
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     log = open(folder / "zygote.log", "w")
-    proc = subprocess.Popen([PYTHON, "-u", str(REPO / "tests" / "zygote.py"), str(folder / "socket")], env=env,
+    proc = subprocess.Popen([PYTHON, "-u", str(REPO / "tests" / "zygote.py"), str(folder / "socket")],
+                            env=child_environ(),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     os.environ["VITPIPE_TEST_ZYGOTE"] = f"{proc.pid}:{folder / 'socket'}"
     yield proc
