@@ -16,6 +16,8 @@ from pipeline.data.worker_start import _start_time  # None once a process is gon
 
 SCRIPT = """
 import json, os, signal, sys, time
+if sys.argv[1] == "wait":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
 print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "name": __name__, "flag": os.environ.get("FLAG"),
                   "preloaded": "lightning" in sys.modules, "pid": os.getpid()}), flush=True)
 print("to stderr", file=sys.stderr, flush=True)
@@ -25,7 +27,6 @@ if what == "kill":
 if what == "raise":
     raise ValueError("boom")
 if what == "wait":
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
     time.sleep(60)
 sys.exit(int(what))
 """

@@ -51,19 +51,40 @@ def main() -> None:
     sock = _connect(spec) if ":" in spec else None  # "PID:SOCKET"; unset or "off": none
     if sock is None:
         _exec_plain(args)
+    # Signals from now on are the program's. Until it runs they wait here; should it run as a process of its
+    # own after all, they are delivered to this one, as they would have been to that process while it started.
+    pending: list[int] = []
+    started: list[socket.socket] = []
+
+    def forward(num: int, _frame) -> None:
+        if started:
+            started[0].sendall(f"signal {num}\n".encode())
+        else:
+            pending.append(num)
+
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+
+    def run_plain() -> None:
+        sock.close()
+        for sig in FORWARDED:
+            signal.signal(sig, signal.SIG_DFL)
+        for num in pending:
+            os.kill(os.getpid(), num)
+        _exec_plain(args)
+
     payload = json.dumps({"args": args, "env": dict(os.environ), "cwd": os.getcwd()}).encode()
     try:
         socket.send_fds(sock, [struct.pack("!I", len(payload)) + payload], [0, 1, 2])
     except OSError:  # e.g. a standard stream is closed: nothing to hand on
-        sock.close()
-        _exec_plain(args)
+        run_plain()
     replies = sock.makefile("rb")
     first = replies.readline().decode()
     if not first.startswith("pid "):
-        sock.close()
-        _exec_plain(args)
-    for sig in FORWARDED:
-        signal.signal(sig, lambda num, _frame: sock.sendall(f"signal {num}\n".encode()))
+        run_plain()
+    started.append(sock)
+    for num in pending:
+        sock.sendall(f"signal {num}\n".encode())
     line = replies.readline().decode()
     if not line.startswith("exit "):
         sys.exit("zygote_client: the zygote went away while the program ran")
