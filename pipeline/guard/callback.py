@@ -125,6 +125,8 @@ class StepGuard(L.Callback):
         self._divisor = torch.tensor([1.0, float(trainer.world_size)], device=device)
         self._keys: list[list[str]] = [[] for _ in range(n)]  # this rank's sample keys of each of those steps
         self._done = trainer.global_step  # steps the detector has seen
+        # the trained parameters, listed once: walking the module tree every step costs the host ~400 calls
+        self._params = [p for p in pl_module.parameters() if p.requires_grad]
         self.boundary.start(trainer)
         engine = getattr(trainer.strategy, "deepspeed_engine", None)
         self._engine = engine
@@ -159,7 +161,7 @@ class StepGuard(L.Callback):
             return  # DeepSpeed accumulates itself: Lightning calls this for every micro-batch, the step is the last
         bad = self._bad_loss.clone()
         if self.owns_clipping:  # one gradient norm serves the clipping and the finiteness check
-            params = [p for p in pl_module.parameters() if p.grad is not None]
+            params = [p for p in self._params if p.grad is not None]
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
             if self.grad_clip:
                 torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)

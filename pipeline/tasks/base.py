@@ -13,7 +13,7 @@ import torch
 
 from ..data.bad_samples import BadSampleTally, judge_bad_samples, too_many_bad
 from ..distributed.gather import every_rank
-from ..tracking.device_log import log_number
+from ..tracking.device_log import log_number, logs_this_step
 
 
 def sample_seed(seed: int, epoch: int, key: str) -> int:
@@ -40,13 +40,15 @@ class StreamTask(L.LightningModule):
         self._last_loss: torch.Tensor | None = None  # kept on the device: no host sync per step
         self._bad = BadSampleTally()
         self._batches = 0  # training batches this process has seen: equal on every rank
+        self._skipped_in_epoch = 0  # bad samples this rank skipped in the current epoch
 
     @property
     def last_loss(self) -> float | None:
         return None if self._last_loss is None else float(self._last_loss)
 
     def record_loss(self, loss: torch.Tensor, batch_size: int) -> None:
-        self.log("train/loss", loss, batch_size=batch_size)  # not prog_bar: it reads the value back every step
+        if logs_this_step(self.trainer):  # not prog_bar: it would read the value back every step
+            self.log("train/loss", loss, batch_size=batch_size)
         self._last_loss = loss.detach()
 
     def seed_batch(self, keys: list[str]) -> None:
@@ -61,9 +63,9 @@ class StreamTask(L.LightningModule):
         return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
-        log_number(self, "train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
-        log_number(self, "data/skipped_samples", batch.get("skipped", 0), reduce_fx="sum", sync_dist=True,
-                   on_step=False, on_epoch=True, batch_size=1)
+        if logs_this_step(self.trainer):
+            log_number(self, "train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+        self._skipped_in_epoch += int(batch.get("skipped", 0))
         self._bad.add(batch)
         self._batches += 1
         # The last batch of each logging step: the same batch on every rank, and a step that syncs anyway.
@@ -71,6 +73,10 @@ class StreamTask(L.LightningModule):
             self.check_bad_samples()
 
     def on_train_epoch_end(self) -> None:
+        # the epoch's bad samples, summed over ranks: counted on the host, logged once
+        log_number(self, "data/skipped_samples", self._skipped_in_epoch, reduce_fx="sum", sync_dist=True,
+                   on_step=False, on_epoch=True, batch_size=1)
+        self._skipped_in_epoch = 0
         self.check_bad_samples()
 
     def check_bad_samples(self) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..models.deit import DistilledViT
 from ..models.vit import ViTEncoder
-from ..tracking.device_log import SpanTimer, log_number
+from ..tracking.device_log import SpanTimer, log_number, logs_this_step
 from .base import Schedule
 from .config import DeiTConfig, OptimConfig
 from .distill import distillation_loss
@@ -40,21 +40,28 @@ class DeiTTask(SupervisedTask):
         if self._teacher:
             with self._teacher_time.span(self.device):
                 teacher_logits = self._teacher[0](imgs)
-            if (seconds := self._teacher_time.take()) is not None:  # on a GPU: an earlier step's, when done
+            seconds = self._teacher_time.take()  # on a GPU: an earlier step's, when done
+            if seconds is not None and logs_this_step(self.trainer):
                 log_number(self, "perf/teacher_s", seconds, batch_size=1)
         cls, dist = self.model.both_logits(imgs)
         parts = distillation_loss(cls, dist, target, teacher_logits, self.cfg.distill, self.label_smoothing)
-        self.log("train/loss_label", parts["label"], batch_size=imgs.shape[0])
-        self.log("train/loss_distill", parts["distill"], batch_size=imgs.shape[0])
+        if logs_this_step(self.trainer):
+            self.log_parts(parts, cls, dist, target, teacher_logits)
+        self.record_loss(parts["loss"], imgs.shape[0])
+        return parts["loss"]
+
+    def log_parts(self, parts: dict[str, torch.Tensor], cls: torch.Tensor, dist: torch.Tensor, target: torch.Tensor,
+                  teacher_logits: torch.Tensor | None) -> None:
+        """The loss's parts and the heads' agreement with the teacher and the labels, in a logging step."""
+        n = cls.shape[0]
+        self.log("train/loss_label", parts["label"], batch_size=n)
+        self.log("train/loss_distill", parts["distill"], batch_size=n)
         if teacher_logits is not None:  # what the distillation head is taught, and how closely it follows
             taught = teacher_logits.argmax(-1)
-            self.log("train/dist_teacher_agreement", (dist.argmax(-1) == taught).float().mean(),
-                     batch_size=imgs.shape[0])
+            self.log("train/dist_teacher_agreement", (dist.argmax(-1) == taught).float().mean(), batch_size=n)
             # the teacher's top-1 on the very images the student trains on, against the label (of a mixed image:
             # its dominant class, the one with the larger share)
             label = target if target.dim() == 1 else target.argmax(-1)
-            self.log("train/teacher_top1", (taught == label).float().mean(), batch_size=imgs.shape[0])
+            self.log("train/teacher_top1", (taught == label).float().mean(), batch_size=n)
         if target.dim() == 1:
-            self.log("train/top1", ((cls + dist).argmax(-1) == target).float().mean(), batch_size=imgs.shape[0])
-        self.record_loss(parts["loss"], imgs.shape[0])
-        return parts["loss"]
+            self.log("train/top1", ((cls + dist).argmax(-1) == target).float().mean(), batch_size=n)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..data.bad_samples import without_samples
+from ..tracking.device_log import logs_this_step
 from .base import Schedule, StreamTask
 from .config import MixupConfig, OptimConfig
 from .mixing import build_mixup, label_loss, mix
@@ -51,7 +52,7 @@ class SupervisedTask(StreamTask):
         imgs, target = self.mixed(batch, batch_idx)
         logits = self.model(imgs)
         loss = label_loss(logits, target, self.label_smoothing)
-        if target.dim() == 1:
+        if target.dim() == 1 and logs_this_step(self.trainer):
             self.log("train/top1", (logits.argmax(-1) == target).float().mean(), batch_size=imgs.shape[0])
         self.record_loss(loss, imgs.shape[0])
         return loss

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from torchvision.utils import save_image
 
 from ..step_boundary import StepBoundary
-from .device_log import log_number
+from .device_log import log_number, logs_this_step
 
 
 class ReconstructionImages(L.Callback):
@@ -83,13 +83,14 @@ class SystemMetrics(L.Callback):
 
 
 class DataWait(L.Callback):
-    """``perf/data_wait_frac``: the share of each training batch's wall time the loop spent waiting for the
-    batch (the loader's ``wait_s``); above a few percent the devices are starved of data. The run's overall
-    share is ``fraction()``, which the run summary shows."""
+    """``perf/data_wait_frac``: the share of the wall time since the last logging step that the loop spent
+    waiting for batches (the loader's ``wait_s``); above a few percent the devices are starved of data. The
+    run's overall share is ``fraction()``, which the run summary shows."""
 
     def __init__(self) -> None:
-        self.started: tuple[float, float] | None = None
-        self.last: tuple[float, float] | None = None
+        self.started: tuple[float, float] | None = None  # (time, loader's wait_s) when training started
+        self.window: tuple[float, float] | None = None  # ... at the last logging step
+        self.last: tuple[float, float] | None = None  # ... at the last batch's end
 
     @staticmethod
     def _loader(trainer: L.Trainer) -> Any:
@@ -100,14 +101,17 @@ class DataWait(L.Callback):
         return None if loader is None else (time.perf_counter(), loader.wait_s)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self.started = self.last = self._now(trainer)
+        self.started = self.window = self.last = self._now(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int):
         now = self._now(trainer)
-        if now is None or self.last is None:
+        if now is None or self.window is None:
             return
-        (t0, w0), (t1, w1) = self.last, now
         self.last = now
+        if not logs_this_step(trainer):
+            return
+        (t0, w0), (t1, w1) = self.window, now
+        self.window = now
         log_number(pl_module, "perf/data_wait_frac", (w1 - w0) / max(t1 - t0, 1e-9), batch_size=1)
 
     def fraction(self) -> tuple[float, float] | None:

@@ -1,4 +1,4 @@
-"""Logging a Python number from a training step without stopping the host.
+"""Logging from a training step without stopping the host, and only in the steps whose values are written.
 
 Lightning turns a number passed to ``self.log`` into ``torch.tensor(value, device=...)``: a blocking copy to the
 device, which on a GPU waits for every kernel queued before it (a stream synchronisation per call, per step).
@@ -14,6 +14,15 @@ from typing import Any
 
 import lightning as L
 import torch
+
+
+def logs_this_step(trainer: L.Trainer) -> bool:
+    """Whether Lightning writes this training batch's step values (``on_step``) to the logger: a logging step
+    (every ``trainer.log_every_n_steps``) or a stopping one. A value logged in any other batch is dropped
+    unwritten, yet each ``self.log`` call costs the host tens of microseconds and a copy of the value: with a
+    small per-GPU batch, the host's time per step is what bounds the GPU's (``benchmarks/host_overhead.py``).
+    Valid from ``training_step`` to ``on_train_batch_end``; the test Lightning's own monitors use."""
+    return trainer._logger_connector.should_update_logs
 
 
 def log_number(module: L.LightningModule, name: str, value: float, **kwargs: Any) -> None:
