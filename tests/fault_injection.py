@@ -224,8 +224,9 @@ class SignalAt(L.Callback):
 
 
 class EngineReport(L.Callback):
-    """At the end, each rank writes ``PATH.rank<R>.json``: its ZeRO stage and how many elements of the weights,
-    fp32 masters and Adam moments it holds, against the model's total."""
+    """At the end, each rank writes ``PATH.rank<R>.json``: its ZeRO stage, how many elements of the weights,
+    fp32 masters and Adam moments it holds, against the model's total, and whether the optimizer's gradient norm
+    is ``zero_norm``'s."""
 
     def __init__(self, path: str):
         self.path = Path(path)
@@ -247,7 +248,8 @@ class EngineReport(L.Callback):
             moments = sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel()
                           for s in opt.optimizer.state.values() if "exp_avg" in s)
             report.update(stage=stage, total=sum(getattr(p, "ds_numel", p.numel()) for p in params),
-                          local_weights=local, local_master=sum(t.numel() for t in master), local_moments=moments)
+                          local_weights=local, local_master=sum(t.numel() for t in master), local_moments=moments,
+                          fused_norm="get_grad_norm_direct" in vars(opt))
         out = self.path.with_name(f"{self.path.name}.rank{trainer.global_rank}.json")
         out.write_text(json.dumps(report))
 
