@@ -237,6 +237,10 @@ def main() -> None:
               f"{fmt(r.get('perf/tflops_per_device'), '.1f')} | {fmt(r.get('perf/mfu'), '.1f', 100, ' %')} | "
               f"{fmt(r.get('peak_gib'), '.1f', unit=' GiB')} | {fmt(r.get('data_wait'), '.1f', 100, ' %')} | "
               f"{r['wall_s']:.0f} s |")
+    for batch, profile in profiles.items():  # below ~95 % with no host wait: the GPU waits on the host's work
+        busy = profile.device_busy()
+        print(f"MAE ViT-L/16 model only, batch {batch}: the GPU was busy for "
+              f"{fmt(busy, '.1f', 100, ' %')} of the profiled step's host span")
     print(f"\ntop operators of one step (after the measured ones), MAE ViT-L/16 model only, batch {best}:")
     print(profiles[best].table(10))
     print_waits(profiles[best])

@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 SCALAR_READ = "aten::_local_scalar_dense"
@@ -85,6 +86,25 @@ class StepProfile(L.Callback):
         host memory on the CPU only, and those of the audits in ``AUDIT_FILES``."""
         return [(chain, stack) for chain, stack in self.scalar_reads()
                 if not any(name in CPU_KERNEL_READS for name in chain) and not _audit(chain)]
+
+    def device_busy(self) -> float | None:
+        """The share of the profiled steps' host span (first to last host event) in which the GPU ran at least
+        one kernel or copy, overlapping streams counted once; None without GPU events. Well below 1 in steps
+        with no host wait: the device waits on the host (its per-step work outlasts the device's) or on data."""
+        if self.events is None:
+            return None
+        host = [e.time_range for e in self.events if e.device_type == DeviceType.CPU]
+        device = sorted((e.time_range.start, e.time_range.end) for e in self.events
+                        if e.device_type == DeviceType.CUDA)
+        if not host or not device:
+            return None
+        start, end = min(r.start for r in host), max(r.end for r in host)
+        busy, reach = 0.0, start  # the union of the device intervals, clipped to the host span
+        for a, b in device:
+            a, b = max(a, reach), min(b, end)
+            if b > a:
+                busy, reach = busy + b - a, b
+        return busy / (end - start) if end > start else None
 
     def table(self, rows: int = 10) -> str:
         """The top operators by self time on the device (on the CPU without a GPU)."""
