@@ -54,10 +54,11 @@ NARROW = {"model.encoder.embed_dim": "64", "model.decoder.dim": "32", "model.enc
 BATCH = 2
 H100_BF16, GOAL_MFU = 989e12, 0.45
 STRATEGIES = {"auto": {"trainer.strategy": "auto"}, "DDP": {"trainer.strategy": "ddp"},
-              "ZeRO-2": {"trainer.strategy": "deepspeed", "zero.stage": 2},
-              # gradients reduced from where autograd left them, not first copied into one buffer per bucket
-              "ZeRO-2, contiguous_gradients off": {"trainer.strategy": "deepspeed", "zero.stage": 2,
-                                                   "zero.contiguous_gradients": False}}
+              # DeepSpeed's default: each gradient copied into a bucket buffer as autograd makes it
+              "ZeRO-2, contiguous_gradients on": {"trainer.strategy": "deepspeed", "zero.stage": 2,
+                                                  "zero.contiguous_gradients": True},
+              # the recipe's: gradients reduced from where autograd left them
+              "ZeRO-2 (recipe: contiguous_gradients off)": {"trainer.strategy": "deepspeed", "zero.stage": 2}}
 
 
 def bare_loop(cfg: MAEConfig, compiled: bool, steps: int) -> Callable[[], float]:
