@@ -21,7 +21,7 @@ The last column is the per-GPU batch whose H100 compute, at 45 % MFU (the issue'
 this host's step: a smaller batch leaves the GPU waiting on the host. It scales with the host CPU's speed.
 
     python benchmarks/host_overhead.py [--rounds 3] [--steps 40] [--no-compile]
-    python benchmarks/host_overhead.py --norm   # ZeRO-2's gradient norm alone: DeepSpeed's against zero_norm's
+    python benchmarks/host_overhead.py --zero   # ZeRO-2's per-parameter loops: DeepSpeed's against zero_host's
 """
 from __future__ import annotations
 
@@ -98,14 +98,15 @@ def vitpipe_fit(work: Path, strategy: dict[str, object], compiled: bool, steps: 
     return run
 
 
-def norm_rows(cfg: MAEConfig, rounds: int, calls: int = 20) -> None:
-    """Host time of one ZeRO-2 gradient norm over the model's parameters after a backward pass, DeepSpeed's
-    per-parameter ``get_grad_norm_direct`` against ``zero_norm.partition_norm``, alternating; one process."""
+def zero_rows(cfg: MAEConfig, rounds: int, calls: int = 20) -> None:
+    """Host time of ZeRO-2's two per-parameter loops of a step, after a backward pass of the model: the gradient
+    norm and the re-pointing of the weights at the flat buffer, DeepSpeed's against ``zero_host``'s,
+    alternating; one process."""
     import os
 
     import deepspeed
 
-    from pipeline.distributed import zero_norm
+    from pipeline.distributed import zero_host
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
@@ -117,22 +118,30 @@ def norm_rows(cfg: MAEConfig, rounds: int, calls: int = 20) -> None:
     engine, zero, _, _ = deepspeed.initialize(model=model, config=config,
                                               optimizer=torch.optim.AdamW(model.parameters(), fused=True))
     engine.backward(engine(torch.randn(BATCH, 3, *cfg.encoder.image_size, dtype=torch.bfloat16))[0])
-    times: dict[str, list[float]] = {"DeepSpeed's get_grad_norm_direct": [], "zero_norm.partition_norm": []}
+    loops = {"gradient norm": zero.scaled_global_norm,
+             "weights re-pointed": lambda: [zero._update_model_bit16_weights(i) for i in range(len(zero.bit16_groups))]}
+    times: dict[tuple[str, str], list[float]] = {}
     norms = {}
     for _ in range(rounds):
-        for name in times:
-            zero.__dict__.pop("get_grad_norm_direct", None)  # the class's method
-            if name.startswith("zero_norm"):
-                zero_norm.install(zero)
-            start = time.perf_counter()
-            for _ in range(calls):
-                norms[name] = zero.scaled_global_norm()
-            times[name].append((time.perf_counter() - start) / calls)
+        for whose in ("DeepSpeed", "zero_host"):
+            for attr in ("get_grad_norm_direct", "_update_model_bit16_weights"):
+                zero.__dict__.pop(attr, None)  # the class's methods
+            if whose == "zero_host":
+                zero_host.install(zero)
+            for loop, call in loops.items():
+                start = time.perf_counter()
+                for _ in range(calls):
+                    out = call()
+                times.setdefault((loop, whose), []).append((time.perf_counter() - start) / calls)
+                if loop == "gradient norm":
+                    norms[whose] = float(out)
     n = len(zero.params_in_partition[0])
-    print(f"\nZeRO-2 gradient norm over {n} parameters, host time per step, median of {rounds} alternating rounds")
-    print("| norm | ms | value |\n|---|---|---|")
-    for name, ts in times.items():
-        print(f"| {name} | {statistics.median(ts) * 1e3:.2f} | {float(norms[name]):.6f} |")
+    print(f"\nZeRO-2's per-parameter loops over {n} parameters, host ms per step, median of {rounds} alternating "
+          f"rounds (gradient norm: DeepSpeed's {norms['DeepSpeed']:.6f}, zero_host's {norms['zero_host']:.6f})")
+    print("| loop | DeepSpeed | zero_host |\n|---|---|---|")
+    for loop in loops:
+        ms = [statistics.median(times[loop, whose]) * 1e3 for whose in ("DeepSpeed", "zero_host")]
+        print(f"| {loop} | {ms[0]:.2f} | {ms[1]:.2f} |")
 
 
 def main() -> None:
@@ -141,12 +150,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40, help="steps per run (vitpipe: four logging windows of 10)")
     p.add_argument("--no-compile", action="store_true", help="eager rows only")
     p.add_argument("--workdir", default=None)
-    p.add_argument("--norm", action="store_true", help="only ZeRO-2's gradient norm, DeepSpeed's and ours")
+    p.add_argument("--zero", action="store_true", help="only ZeRO-2's per-parameter loops, DeepSpeed's and ours")
     a = p.parse_args()
     torch.set_num_threads(1)
     quiet_third_party()
-    if a.norm:
-        norm_rows(load_recipe(RECIPE, NARROW).model, max(a.rounds, 7))
+    if a.zero:
+        zero_rows(load_recipe(RECIPE, NARROW).model, max(a.rounds, 7))
         return
     work = Path(a.workdir or tempfile.mkdtemp(prefix="vitpipe-host-overhead-"))
     if not (work / "shards" / "train" / "manifest.json").exists():

@@ -225,8 +225,8 @@ class SignalAt(L.Callback):
 
 class EngineReport(L.Callback):
     """At the end, each rank writes ``PATH.rank<R>.json``: its ZeRO stage, how many elements of the weights,
-    fp32 masters and Adam moments it holds, against the model's total, and whether the optimizer's gradient norm
-    is ``zero_norm``'s."""
+    fp32 masters and Adam moments it holds, against the model's total, and whether ``zero_host`` changed the
+    optimizer (its gradient norm and re-pointing)."""
 
     def __init__(self, path: str):
         self.path = Path(path)
@@ -249,7 +249,7 @@ class EngineReport(L.Callback):
                           for s in opt.optimizer.state.values() if "exp_avg" in s)
             report.update(stage=stage, total=sum(getattr(p, "ds_numel", p.numel()) for p in params),
                           local_weights=local, local_master=sum(t.numel() for t in master), local_moments=moments,
-                          fused_norm="get_grad_norm_direct" in vars(opt))
+                          zero_host={"get_grad_norm_direct", "_update_model_bit16_weights"} <= vars(opt).keys())
         out = self.path.with_name(f"{self.path.name}.rank{trainer.global_rank}.json")
         out.write_text(json.dumps(report))
 

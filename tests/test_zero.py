@@ -108,7 +108,7 @@ def test_zero_losses_equal_ddp_and_state_is_sharded(runs, stage):
     assert_same_losses(got, want, range(1, STEPS + 1))
     reports = [json.loads((runs[stage] / f"engine.rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["stage"] == stage and r["world_size"] == 2 for r in reports)
-    assert all(r["fused_norm"] == (stage != 3) for r in reports)  # zero_norm: the same losses as DDP's, above
+    assert all(r["zero_host"] == (stage != 3) for r in reports)  # installed: the same losses as DDP's, above
     total = reports[0]["total"]
     for r in reports:  # each rank holds about half of the fp32 master weights and of both Adam moments
         assert 0.45 * total <= r["local_master"] <= 0.55 * total + 1024, r

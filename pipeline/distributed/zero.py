@@ -21,7 +21,7 @@ from lightning.pytorch.strategies.deepspeed import _validate_device_index_select
 from ..checkpoint.shared_fs import folder_owner
 from ..checkpoint.state import DEEPSPEED_TAG
 from ..tasks.optim import skips_by_found_inf
-from . import zero_norm, zero_sync
+from . import zero_host, zero_sync
 from .reshard import UNIVERSAL_TAG, ensure_universal, repair_stage3_universal_load, saved_world_size
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class ZeroStrategy(DeepSpeedStrategy):
             args=argparse.Namespace(device_rank=self._device_rank()), config=self.config, model=model,
             model_parameters=filter(lambda p: p.requires_grad, model.parameters()), optimizer=optimizer,
             lr_scheduler=lr_scheduler, dist_init_required=False)
-        zero_norm.install(engine.optimizer)  # ZeRO-1/2: the gradient norm in a few operators, not ~5 per parameter
+        zero_host.install(engine.optimizer)  # ZeRO-1/2: less host work per step
         if self.device_skips and skips_by_found_inf(optimizer):  # the guard's check can take DeepSpeed's place
             zero_sync.install(engine.optimizer)
         return engine, ds_optimizer

@@ -19,8 +19,9 @@ import torch
 def logs_this_step(trainer: L.Trainer) -> bool:
     """Whether Lightning writes this training batch's step values (``on_step``) to the logger: a logging step
     (every ``trainer.log_every_n_steps``) or a stopping one. A value logged in any other batch is dropped
-    unwritten, yet each ``self.log`` call costs the host tens of microseconds and a copy of the value: with a
-    small per-GPU batch, the host's time per step is what bounds the GPU's (``benchmarks/host_overhead.py``).
+    unwritten, yet each ``self.log`` call costs the host its bookkeeping (about a millisecond on a slow CPU) and
+    a copy of the value: with a small per-GPU batch, the host's time per step is what bounds the GPU's
+    (``benchmarks/host_overhead.py``).
     Valid from ``training_step`` to ``on_train_batch_end``; the test Lightning's own monitors use."""
     return trainer._logger_connector.should_update_logs
 
