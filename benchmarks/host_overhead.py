@@ -17,7 +17,7 @@ host computes none of it). Rows:
 - each eager and with ``trainer.compile`` (blocks compiled on their own).
 
 Variants run in turn, round after round; each figure is the median over rounds of a steady-state window.
-The last column is the per-GPU batch whose H100 compute, at 45 % MFU (the issue's goal), takes as long as
+The last column is the per-GPU batch whose H100 compute, at 45 % MFU (the GPU suite's goal), takes as long as
 this host's step: a smaller batch leaves the GPU waiting on the host. It scales with the host CPU's speed.
 
     python benchmarks/host_overhead.py [--rounds 3] [--steps 40] [--no-compile]
