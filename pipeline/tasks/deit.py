@@ -36,16 +36,17 @@ class DeiTTask(SupervisedTask):
         if batch["image"].shape[0] == 0:
             return self.zero_step()
         imgs, target = self.mixed(batch, batch_idx)  # the teacher sees the same mixed images, as in DeiT
+        logs = logs_this_step(self.trainer)
         teacher_logits = None
         if self._teacher:
             with self._teacher_time.span(self.device):
                 teacher_logits = self._teacher[0](imgs)
             seconds = self._teacher_time.take()  # on a GPU: an earlier step's, when done
-            if seconds is not None and logs_this_step(self.trainer):
+            if seconds is not None and logs:
                 log_number(self, "perf/teacher_s", seconds, batch_size=1)
         cls, dist = self.model.both_logits(imgs)
         parts = distillation_loss(cls, dist, target, teacher_logits, self.cfg.distill, self.label_smoothing)
-        if logs_this_step(self.trainer):
+        if logs:
             self.log_parts(parts, cls, dist, target, teacher_logits)
         self.record_loss(parts["loss"], imgs.shape[0])
         return parts["loss"]
