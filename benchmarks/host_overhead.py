@@ -38,15 +38,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_suite import overrides as suite_overrides
 from gpu_suite import run_row, write_synthetic_jpegs
+from mae_step import timed, vitpipe_step
 
 from pipeline.console import quiet_third_party
 from pipeline.models import MAE, MAEConfig
-from pipeline.models.block_options import compile_blocks
 from pipeline.models.flops import mae_train_flops_per_image
 from pipeline.recipe import load_recipe
 from pipeline.stages.shard import shard_image_folder
-from pipeline.tasks.config import OptimConfig
-from pipeline.tasks.optim import build_optimizer
 
 RECIPE = "mae/vit_large16"
 # ViT-L/16's depth, heads and decoder depth, every width shrunk: the operator graph of the recipe's model
@@ -62,28 +60,13 @@ STRATEGIES = {"auto": {"trainer.strategy": "auto"}, "DDP": {"trainer.strategy": 
 
 
 def bare_loop(cfg: MAEConfig, compiled: bool, steps: int) -> Callable[[], float]:
-    """Seconds per step of the model alone: bf16 autocast forward, backward, fused AdamW."""
-    torch.manual_seed(0)
-    model = MAE(cfg)
-    if compiled:
-        compile_blocks(model)
-    opt, _ = build_optimizer(model, OptimConfig(), BATCH, 100, 1)
-    imgs = torch.randn(BATCH, 3, *cfg.encoder.image_size)
-
-    def step() -> None:
-        with torch.autocast("cpu", torch.bfloat16):
-            loss, _, _ = model(imgs)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    """Seconds per step of the model alone: bf16 autocast forward, backward, fused AdamW (``mae_step``'s step)."""
+    step = vitpipe_step(cfg, torch.randn(BATCH, 3, *cfg.encoder.image_size), compiled, autocast=torch.bfloat16)
 
     def run() -> float:
         for _ in range(3):  # warm-up (compiles)
             step()
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        return (time.perf_counter() - start) / steps
+        return timed(step, steps) / steps
     return run
 
 

@@ -30,7 +30,8 @@ from pipeline.tasks.optim import build_optimizer
 Step = Callable[[], None]
 
 
-def vitpipe_step(cfg: MAEConfig, imgs: torch.Tensor, compiled: bool) -> Step:
+def vitpipe_step(cfg: MAEConfig, imgs: torch.Tensor, compiled: bool, autocast: torch.dtype | None = None) -> Step:
+    """One step of vitpipe's MAE with its fused AdamW; ``autocast``: the forward pass under autocast to it."""
     torch.manual_seed(0)
     model = MAE(cfg)
     if compiled:
@@ -38,7 +39,8 @@ def vitpipe_step(cfg: MAEConfig, imgs: torch.Tensor, compiled: bool) -> Step:
     opt, _ = build_optimizer(model, OptimConfig(), imgs.shape[0], 100, 1)
 
     def step() -> None:
-        loss, _, _ = model(imgs)
+        with torch.autocast(imgs.device.type, autocast, enabled=autocast is not None):
+            loss, _, _ = model(imgs)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
