@@ -82,12 +82,13 @@ def vitpipe_fit(work: Path, strategy: dict[str, object], compiled: bool, steps: 
 
 
 def zero_rows(cfg: MAEConfig, rounds: int, calls: int = 20) -> None:
-    """Host time of ZeRO-2's two per-parameter loops of a step, after a backward pass of the model: the gradient
-    norm and the re-pointing of the weights at the flat buffer, DeepSpeed's against ``zero_host``'s,
-    alternating; one process."""
+    """Host time of ZeRO-2's per-parameter loops of a step, DeepSpeed's against ``zero_host``'s, alternating, in
+    one process: after a backward pass of the model, the gradient norm and the re-pointing of the weights at the
+    flat buffer; inside a backward, the count of the parameters it reaches (its gradient hooks' first)."""
     import os
 
     import deepspeed
+    from deepspeed.runtime.utils import count_used_parameters_in_backward
 
     from pipeline.distributed import zero_host
 
@@ -100,7 +101,8 @@ def zero_rows(cfg: MAEConfig, rounds: int, calls: int = 20) -> None:
               "zero_optimization": {"stage": 2, "contiguous_gradients": False}, "zero_allow_untested_optimizer": True}
     engine, zero, _, _ = deepspeed.initialize(model=model, config=config,
                                               optimizer=torch.optim.AdamW(model.parameters(), fused=True))
-    engine.backward(engine(torch.randn(BATCH, 3, *cfg.encoder.image_size, dtype=torch.bfloat16))[0])
+    images = torch.randn(BATCH, 3, *cfg.encoder.image_size, dtype=torch.bfloat16)
+    engine.backward(engine(images)[0])
     loops = {"gradient norm": zero.scaled_global_norm,
              "weights re-pointed": lambda: [zero._update_model_bit16_weights(i) for i in range(len(zero.bit16_groups))]}
     times: dict[tuple[str, str], list[float]] = {}
@@ -118,11 +120,31 @@ def zero_rows(cfg: MAEConfig, rounds: int, calls: int = 20) -> None:
                 times.setdefault((loop, whose), []).append((time.perf_counter() - start) / calls)
                 if loop == "gradient norm":
                     norms[whose] = float(out)
-    n = len(zero.params_in_partition[0])
+    engine.step()
+
+    params = [p for group in zero.bit16_groups for p in group if p.requires_grad]
+    counters = {"DeepSpeed": lambda: count_used_parameters_in_backward(params),
+                "zero_host": zero_host.UsedParameterCount(params)}
+    counts = {}
+
+    def in_backward(grad: torch.Tensor) -> None:  # a hook on the images: it runs inside the backward pass
+        for whose, count in counters.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                counts[whose] = count()
+            times.setdefault(("used-parameter count", whose), []).append((time.perf_counter() - start) / calls)
+
+    for _ in range(rounds):  # a forward and backward of the model per round, as in training
+        x = images.clone().requires_grad_()
+        x.register_hook(in_backward)
+        engine.backward(engine(x)[0])
+        engine.step()
+    n = len(params)
     print(f"\nZeRO-2's per-parameter loops over {n} parameters, host ms per step, median of {rounds} alternating "
-          f"rounds (gradient norm: DeepSpeed's {norms['DeepSpeed']:.6f}, zero_host's {norms['zero_host']:.6f})")
+          f"rounds (gradient norm: DeepSpeed's {norms['DeepSpeed']:.6f}, zero_host's {norms['zero_host']:.6f}; "
+          f"parameters counted: DeepSpeed {counts['DeepSpeed']}, zero_host {counts['zero_host']})")
     print("| loop | DeepSpeed | zero_host |\n|---|---|---|")
-    for loop in loops:
+    for loop in (*loops, "used-parameter count"):
         ms = [statistics.median(times[loop, whose]) * 1e3 for whose in ("DeepSpeed", "zero_host")]
         print(f"| {loop} | {ms[0]:.2f} | {ms[1]:.2f} |")
 

@@ -30,7 +30,8 @@ def test_host_overhead_rows_and_zero_loops_run(tmp_path, child_env):
     out = subprocess.run([sys.executable, SCRIPT, "--zero"], env={**child_env, "MASTER_PORT": str(free_port())},
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
-    assert [r[0] for r in table_rows(out.stdout)] == ["gradient norm", "weights re-pointed"]
-    norms = out.stdout.split("(gradient norm: DeepSpeed's ")[1].split(")")[0]  # "X, zero_host's Y"
-    ours, theirs = norms.split(", zero_host's ")
+    assert [r[0] for r in table_rows(out.stdout)] == ["gradient norm", "weights re-pointed", "used-parameter count"]
+    norms, counts = out.stdout.split("(gradient norm: DeepSpeed's ")[1].split(")")[0].split("; ")
+    ours, theirs = norms.split(", zero_host's ")  # "X, zero_host's Y"
     assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
+    assert counts.split(", ") == ["parameters counted: DeepSpeed 396", "zero_host 396"]

@@ -1,7 +1,8 @@
 """distributed/zero_host: ZeRO-1/2's gradient norm from one fused norm equals DeepSpeed's per-parameter one, the
 padding left out and a non-finite gradient marked invalid (-1) alike; the weights are re-pointed at the flat
-buffer when, and only when, it moved. Both are installed on the real 2-process ZeRO-1/2 engines of test_zero,
-whose losses equal DDP's."""
+buffer when, and only when, it moved; the gradient hooks' count of the parameters a backward reaches equals
+DeepSpeed's and walks the parameters only when it may have changed. All are installed on the real 2-process
+ZeRO-1/2 engines of test_zero, whose losses equal DDP's."""
 from __future__ import annotations
 
 import math
@@ -10,9 +11,10 @@ from types import SimpleNamespace
 import deepspeed.comm
 import pytest
 import torch
+from deepspeed.runtime.utils import count_used_parameters_in_backward
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-from pipeline.distributed.zero_host import partition_norm, repoint_moved
+from pipeline.distributed.zero_host import UsedParameterCount, partition_norm, repoint_moved
 
 
 def gradients(poison: float | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -74,3 +76,40 @@ def test_weights_are_re_pointed_only_when_the_flat_buffer_moved():
     for p, o, s in zip(params, offsets, shapes):
         assert p.data_ptr() == moved.data_ptr() + o * moved.element_size() and p.shape == s
         assert torch.equal(p.data, moved.narrow(0, o, math.prod(s)).view(s))
+
+
+def test_the_used_parameter_count_equals_deepspeeds_and_walks_only_when_it_may_change():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(4)]
+    count = UsedParameterCount(params)
+    counts = []
+
+    def backward(used: list[int]) -> tuple[int, bool]:
+        """A backward through the parameters in ``used``; in it, the two counts and whether ``count`` walked."""
+        x = torch.randn(3, requires_grad=True)
+        y = x
+        for i in used:
+            y = y * params[i].float()  # .float(): the same graph whether a parameter is float32 or float64
+
+        def hook(grad):
+            held = count.accumulators
+            counts.append((count(), count_used_parameters_in_backward(params), count.accumulators is not held))
+
+        x.register_hook(hook)  # runs inside the backward, as DeepSpeed's gradient hooks do
+        y.sum().backward()
+        ours, theirs, walked = counts[-1]
+        assert ours == theirs, (used, ours, theirs)
+        return ours, walked
+
+    assert backward([0, 1, 2, 3]) == (4, True)  # the first backward walks
+    assert backward([0, 1, 2, 3]) == (4, False)  # the held accumulators are the ones autograd used again
+    assert backward([0, 2]) == (2, True)  # a parameter left out: the held ones do not all run
+    assert backward([0, 1, 2, 3]) == (4, False)
+    params[1].requires_grad_(False)  # frozen
+    assert backward([0, 1, 2, 3]) == (3, True)
+    assert backward([0, 1, 2, 3]) == (3, True)  # after a walk that found one frozen, every backward walks
+    params[1].requires_grad_(True)
+    assert backward([0, 1, 2, 3]) == (4, True)
+    params[3].data = params[3].data.double()  # a new dtype gives the parameter a new gradient accumulator
+    assert backward([0, 1, 2, 3]) == (4, True)
+    assert backward([0, 1, 2, 3]) == (4, False)

@@ -11,7 +11,12 @@ DeepSpeed 0.19's ZeRO-1/2 optimizer spends some of it on two per-parameter loops
 - after gathering the updated weights into its flat bf16 buffer, it points every parameter's ``.data`` at its
   slice of that buffer again (``_update_model_bit16_weights``, "probably not needed" in DeepSpeed's own
   comment): the gather writes into the slices the parameters already are. ``repoint_moved`` checks where each
-  parameter's data lies and re-points only when one moved (an offload and reload moves the buffer).
+  parameter's data lies and re-points only when one moved (an offload and reload moves the buffer);
+- at the first gradient of every backward, its hook counts the parameters the backward will reach
+  (``count_used_parameters_in_backward``): a view of each parameter, to find its gradient accumulator, and a
+  query of the autograd engine, about 40 us a parameter. ``UsedParameterCount`` keeps the accumulators it
+  found, as DDP's reducer does, and asks the engine about those: the same count while they are current, and
+  DeepSpeed's walk again when one is not.
 """
 from __future__ import annotations
 
@@ -55,10 +60,65 @@ def repoint_moved(optimizer: Any, group_index: int) -> None:
         type(optimizer)._update_model_bit16_weights(optimizer, group_index)
 
 
+class UsedParameterCount:
+    """How many of ``params`` (each requiring a gradient when the hooks were made) the running backward gives a
+    gradient to: ``count_used_parameters_in_backward``'s answer. Its walk is done once and again only when the
+    answer may have changed; in between, the gradient accumulators found last are asked whether the engine runs
+    them. Holding them keeps them current: autograd makes a parameter a new one only when none is alive or its
+    data changes dtype or device, and then the held one does not run, which sends the count back to the walk, as
+    does a parameter the backward does not reach. A walk that finds a parameter frozen keeps nothing, so the
+    next backward walks too."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.accumulators: list[Any] = []  # an autograd AccumulateGrad node per parameter, from the last walk
+
+    def __call__(self) -> int:
+        will_run = torch._C._will_engine_execute_node  # only valid inside a backward, as DeepSpeed's hook is
+        if self.accumulators and all(map(will_run, self.accumulators)):
+            return len(self.accumulators)
+        from torch.autograd.graph import _get_grad_fn_or_grad_acc
+
+        with torch.enable_grad():  # hooks run without grad mode; reaching a leaf's accumulator needs it
+            nodes = {_get_grad_fn_or_grad_acc(p) for p in self.params if p.requires_grad}
+        # kept only when every parameter has one: then all of them running is a count of all the parameters
+        self.accumulators = list(nodes) if len(nodes) == len(self.params) else []
+        return sum(map(will_run, nodes))
+
+
+def gradient_hook(optimizer: Any, count: UsedParameterCount, param: torch.nn.Parameter, group_index: int,
+                  *_: Any) -> None:
+    """DeepSpeed's ZeRO-1/2 gradient hook (``create_gradient_handling_hooks``) with ``count`` for its walk: hand
+    the parameter's gradient to the optimizer's bucketing and reduction, and run the backward's epilogue once
+    every hook expected has fired."""
+    refresh = optimizer.should_refresh_expected_hook_count()  # before re-entering, as DeepSpeed asks it
+    optimizer.reenter_backward_if_needed()
+    optimizer.process_gradients(param, group_index)
+    expected = count() if refresh else optimizer._max_expected_hooks_seen
+    optimizer.update_hook_state_and_maybe_run_epilogue(expected)
+
+
+def replace_gradient_hooks(optimizer: Any) -> bool:
+    """Swap the optimizer's gradient hooks for ``gradient_hook``s sharing one ``UsedParameterCount``; False
+    (nothing changed) when the optimizer has none, or not one per parameter requiring a gradient."""
+    from deepspeed.utils.torch import register_grad_hook
+
+    owned = [(p, i) for i, group in enumerate(optimizer.bit16_groups) for p in group if p.requires_grad]
+    handles = getattr(optimizer, "_grad_acc_hooks", [])
+    if not handles or len(handles) != len(owned) or not hasattr(optimizer, "should_refresh_expected_hook_count"):
+        return False
+    for handle in handles:
+        handle.remove()
+    count = UsedParameterCount([p for p, _ in owned])
+    optimizer._grad_acc_hooks = [register_grad_hook(p, functools.partial(gradient_hook, optimizer, count, p, i))
+                                 for p, i in owned]  # destroy() removes these
+    return True
+
+
 def install(optimizer: Any) -> bool:
-    """Give a ZeRO-1/2 optimizer ``partition_norm`` and ``repoint_moved``; False (nothing changed) for another
-    optimizer, or one with model-parallel groups or pipeline-replicated parameters, whose norms DeepSpeed counts
-    its own way."""
+    """Give a ZeRO-1/2 optimizer ``partition_norm``, ``repoint_moved`` and, where it has gradient hooks,
+    ``gradient_hook``s; False (nothing changed) for another optimizer, or one with model-parallel groups or
+    pipeline-replicated parameters, whose norms DeepSpeed counts its own way."""
     from deepspeed.comm import pg_utils
     from deepspeed.runtime.constants import PIPE_REPLICATED
     from deepspeed.runtime.zero import stage_1_and_2
@@ -71,4 +131,5 @@ def install(optimizer: Any) -> bool:
         return False
     optimizer.get_grad_norm_direct = functools.partial(partition_norm, optimizer)  # instance attributes shadow
     optimizer._update_model_bit16_weights = functools.partial(repoint_moved, optimizer)  # the class's methods
+    replace_gradient_hooks(optimizer)
     return True
