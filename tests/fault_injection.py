@@ -226,12 +226,15 @@ class SignalAt(L.Callback):
 class EngineReport(L.Callback):
     """At the end, each rank writes ``PATH.rank<R>.json``: its ZeRO stage, how many elements of the weights,
     fp32 masters and Adam moments it holds, against the model's total, and whether ``zero_host`` changed the
-    optimizer (its gradient norm and re-pointing)."""
+    optimizer (its gradient norm and re-pointing) and gave every parameter its gradient hook, and whether
+    DeepSpeed's throughput timer (a device synchronisation at each step's start and end) is on."""
 
     def __init__(self, path: str):
         self.path = Path(path)
 
     def on_train_end(self, trainer, pl_module):
+        from pipeline.distributed import zero_host
+
         engine = getattr(trainer.strategy, "deepspeed_engine", None)
         report = {"rank": trainer.global_rank, "world_size": trainer.world_size, "num_nodes": trainer.num_nodes,
                   "stage": None}
@@ -247,9 +250,12 @@ class EngineReport(L.Callback):
                 master = opt.single_partition_of_fp32_groups
             moments = sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel()
                           for s in opt.optimizer.state.values() if "exp_avg" in s)
-            report.update(stage=stage, total=sum(getattr(p, "ds_numel", p.numel()) for p in params),
+            report.update(stage=stage, throughput_timer=engine.tput_timer.config.enabled, total=sum(getattr(p, "ds_numel", p.numel()) for p in params),
                           local_weights=local, local_master=sum(t.numel() for t in master), local_moments=moments,
-                          zero_host={"get_grad_norm_direct", "_update_model_bit16_weights"} <= vars(opt).keys())
+                          zero_host={"get_grad_norm_direct", "_update_model_bit16_weights"} <= vars(opt).keys(),
+                          zero_hooks=all(getattr(hook, "func", None) is zero_host.gradient_hook
+                                         for p in params if p.requires_grad
+                                         for hook in (p._post_accumulate_grad_hooks or {None: None}).values()))
         out = self.path.with_name(f"{self.path.name}.rank{trainer.global_rank}.json")
         out.write_text(json.dumps(report))
 

@@ -107,8 +107,8 @@ def test_zero_losses_equal_ddp_and_state_is_sharded(runs, stage):
     assert sorted(got) == sorted(want) == [(r, s) for r in (0, 1) for s in range(1, STEPS + 1)]
     assert_same_losses(got, want, range(1, STEPS + 1))
     reports = [json.loads((runs[stage] / f"engine.rank{r}.json").read_text()) for r in (0, 1)]
-    assert all(r["stage"] == stage and r["world_size"] == 2 for r in reports)
-    assert all(r["zero_host"] == (stage != 3) for r in reports)  # installed: the same losses as DDP's, above
+    assert all(r["stage"] == stage and r["world_size"] == 2 and not r["throughput_timer"] for r in reports)
+    assert all(r["zero_host"] == r["zero_hooks"] == (stage != 3) for r in reports)  # the same losses as DDP's
     total = reports[0]["total"]
     for r in reports:  # each rank holds about half of the fp32 master weights and of both Adam moments
         assert 0.45 * total <= r["local_master"] <= 0.55 * total + 1024, r
