@@ -107,6 +107,28 @@ def test_device_decode_matches_the_cpu_path(jpeg_shards):
     assert max(diffs) <= 3.0
 
 
+def test_a_batch_that_travels_encoded_carries_no_pixels_and_decodes_alike(jpeg_shards):
+    """Batches of photos only ship their bytes and no image tensor; on the device they come out as the samples
+    do in a batch that mixes them with host-decoded ones (each sample's draws are its own)."""
+    folder = jpeg_shards[0]
+    ds, ld = loader(folder, "gpu")
+    whole = on_device(next(iter(ld)), ds)
+    reference = dict(zip(whole["key"], whole["image"]))
+    ds, ld = loader(folder, "gpu", batch=4)
+    encoded_only = 0
+    for batch in ld:
+        if all(d is not None for d in batch["encoded"]):
+            encoded_only += 1
+            assert batch["image"].shape == (len(batch["key"]), 3, 0, 0)  # nothing to pin and copy
+        else:
+            assert batch["image"].shape[-2:] == (32, 32)
+        out = on_device(batch, ds)
+        assert out["image"].shape == (len(out["key"]), 3, 32, 32)
+        for key, image in zip(out["key"], out["image"]):
+            assert torch.equal(image, reference[key]), key
+    assert encoded_only >= 2
+
+
 def test_device_decode_refuses_rand_augment():
     with pytest.raises(ValueError, match="decode: gpu cannot apply transform.rand_augment"):
         StreamConfig(decode="gpu", transform=TransformConfig(rand_augment="rand-m9-mstd0.5-inc1"))

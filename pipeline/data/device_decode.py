@@ -48,6 +48,8 @@ def decode_batch(batch: dict[str, Any], transform: TrainTransform) -> tuple[torc
     boxes, flips = batch["box"], batch["flip"]  # host lists (the collate's): no read of the device
     size = tuple(transform.cfg.image_size)
     device = images.device
+    if tuple(images.shape[-2:]) != size:  # all travelled encoded, without pixels: each row is filled below
+        images = torch.empty(images.shape[0], 3, *size, dtype=torch.uint8, device=device)
     data = [torch.frombuffer(bytearray(batch["encoded"][i]), dtype=torch.uint8) for i in todo]
     try:  # one call for the batch: nvJPEG decodes it as a batch
         decoded: list[torch.Tensor | None] = list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
