@@ -5,9 +5,13 @@ profiled step of the fastest MAE configuration.
 
 Rows: MAE ViT-L/16 model only (batches decoded once, then replayed from memory: what the model and the
 training loop reach without the loader) at each ``--batches`` size, and through the loader at the fastest of
-them (GPU decode where a GPU is), again without the guard and again under the recipe's ZeRO-2 (on one device:
-what DeepSpeed's step costs); DeiT-B/16 model only (no teacher). All in bf16-mixed. Throughput leaves out the
-first logging window (compilation, allocator warm-up), as a run's summary does.
+them (GPU decode where a GPU is; the epoch spans the row, so no loader restarts inside it), again without the
+guard and again under the recipe's ZeRO-2 (on one device: what DeepSpeed's step costs); DeiT-B/16 model only
+(no teacher). All in bf16-mixed. Throughput leaves out the first logging window (compilation, allocator
+warm-up), as a run's summary does. Each row starts from a collected heap and an emptied CUDA cache, and compiles
+static shapes (each batch its own kernels, not a dynamic-shape graph left by the row before). Each row's figures
+are printed as it ends, the table and the profiles of the fastest model-only MAE row and of the ZeRO-2 row (its
+GPU busy share, its host waits) at the end.
 
 ``--cpu-smoke`` runs the same steps with tiny models on the CPU (bf16 there too), in seconds: the suite's own
 test.
@@ -18,6 +22,10 @@ test.
 from __future__ import annotations
 
 import argparse
+import gc
+import math
+import os
+import platform
 import sys
 import tempfile
 import time
@@ -155,18 +163,48 @@ def overrides(args: argparse.Namespace, work: Path, batch: int, mae: bool, model
 
 
 def run_row(recipe: RunRecipe, model_only: bool, profile: StepProfile | None) -> dict[str, Any]:
+    """One row's figures. The row before leaves nothing behind: its model, optimizer and DeepSpeed buffers are
+    collected (peak memory is this row's), and the process environment a launcher wrote (RANK, MASTER_ADDR...)
+    is restored, so the next row's launcher is not taken for a cluster's."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    environ = dict(os.environ)
     collect = Collect(recipe.trainer.max_steps - 2)
     extra = [collect] + ([profile] if profile else [])
     start = time.perf_counter()
-    if model_only:
-        plan = plan_run(recipe, "none")
-        dm = plan.datamodule
-        plan.datamodule = InMemoryBatches(dm.cfg, dm.batch_size, dm.seed, dm.labelled, dm.num_classes)
-        fit(recipe, plan, objective_of(recipe).build(recipe, plan), extra)
-    else:
-        train(recipe, resume="none", extra_callbacks=extra)
+    try:
+        if model_only:
+            plan = plan_run(recipe, "none")
+            dm = plan.datamodule
+            plan.datamodule = InMemoryBatches(dm.cfg, dm.batch_size, dm.seed, dm.labelled, dm.num_classes)
+            fit(recipe, plan, objective_of(recipe).build(recipe, plan), extra)
+        else:
+            train(recipe, resume="none", extra_callbacks=extra)
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
     collect.row["wall_s"] = time.perf_counter() - start
     return collect.row
+
+
+def row_line(name: str, batch: int, r: dict[str, Any]) -> str:
+    return (f"| {name} | {batch} | {fmt(r.get('perf/images_per_s'), '.0f')} | "
+            f"{fmt(r.get('perf/tflops_per_device'), '.1f')} | {fmt(r.get('perf/mfu'), '.1f', 100, ' %')} | "
+            f"{fmt(r.get('peak_gib'), '.1f', unit=' GiB')} | {fmt(r.get('data_wait'), '.1f', 100, ' %')} | "
+            f"{r['wall_s']:.0f} s |")
+
+
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("torch", "lightning", "timm", "deepspeed", "webdataset", "mlflow", "torchvision"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} missing")
+    return f"Python {platform.python_version()}, " + ", ".join(found)
 
 
 def fmt(value: Any, spec: str, scale: float = 1.0, unit: str = "") -> str:
@@ -177,7 +215,7 @@ def print_waits(profile: StepProfile, shown: int = 5) -> None:
     """The profiled step does not log: where it made the host wait for the device (on a GPU, every CUDA
     synchronisation; on a CPU, the reads of a value), with the Python frames of the first few."""
     waits = profile.device_waits() if torch.cuda.is_available() else profile.host_syncs()
-    print(f"\nhost waits for the device in that step (it does not log): {len(waits)}")
+    print(f"host waits for the device in that step (it does not log): {len(waits)}")
     for chain, _ in waits[:shown]:
         print("  " + " <- ".join(name for name in chain if "(" in name or name.startswith("aten::"))[:600])
 
@@ -196,6 +234,11 @@ def main() -> None:
     p.add_argument("--workdir", default=None)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU: checks the suite runs")
     args = p.parse_args()
+    # Static shapes: a second batch size gets kernels of its own rather than turning the blocks' graph into a
+    # dynamic-shape one that the later rows would run; the rows' models, shapes and dtypes need a few more
+    # cache entries for the blocks' one forward than the default limit of 8.
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    torch._dynamo.config.recompile_limit = 64
     if args.cpu_smoke:
         args.batches, args.deit_batch, args.steps, args.window, args.images, args.workers = "8", 8, 6, 2, 64, 1
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vitpipe-gpu-suite-"))
@@ -205,45 +248,56 @@ def main() -> None:
         shard_image_folder(str(work / "photos"), str(work / "shards"), shard_size=512 if not args.cpu_smoke else 32,
                            workers=min(8, args.workers) or 1)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (smoke: tiny models)"
+    title = (f"vitpipe GPU suite on {device}: bf16-mixed, strategy {args.strategy}, compile {not args.no_compile}, "
+             f"{args.steps} steps per row, figures over the logging windows after the first ({args.window} steps "
+             f"each)")
+    print(f"{title}\n{versions()}", flush=True)
     mae_recipe, deit_recipe = "mae/vit_large16", "deit/deit_base16"
     rows: list[tuple[str, int, dict[str, Any]]] = []
-    profiles: dict[int, StepProfile] = {}
+    # each profiles the step after the last measured window, which does not log, and is not the run's last
+    profiles: dict[str, StepProfile] = {}
+
+    def row(name: str, batch: int, recipe: RunRecipe, model_only: bool, profiled: bool = False) -> None:
+        profile = profiles.setdefault(f"{name}, batch {batch}", StepProfile(first=args.steps)) if profiled else None
+        rows.append((name, batch, run_row(recipe, model_only, profile)))
+        print(f"gpu_suite: row done: {row_line(*rows[-1])}", flush=True)  # kept should a later row not end
+
     for batch in (int(b) for b in args.batches.split(",")):
-        # the step after the last measured window, which does not log, and is not the run's last
-        profiles[batch] = StepProfile(first=args.steps)
-        recipe = load_recipe(mae_recipe, overrides(args, work, batch, mae=True, model_only=True))
-        rows.append(("MAE ViT-L/16, model only", batch, run_row(recipe, True, profiles[batch])))
+        row("MAE ViT-L/16, model only", batch,
+            load_recipe(mae_recipe, overrides(args, work, batch, mae=True, model_only=True)), True, profiled=True)
     best = max(rows, key=lambda r: r[2].get("perf/images_per_s", 0))[1]
     # the guard's cost (one gradient norm, shared with clipping; its flag on the device): the same row without it
-    recipe = load_recipe(mae_recipe, {**overrides(args, work, best, mae=True, model_only=True),
-                                      "trainer.guard.enabled": False})
-    rows.append(("MAE ViT-L/16, model only, guard off", best, run_row(recipe, True, None)))
+    row("MAE ViT-L/16, model only, guard off", best,
+        load_recipe(mae_recipe, {**overrides(args, work, best, mae=True, model_only=True),
+                                 "trainer.guard.enabled": False}), True)
     if args.strategy != "deepspeed":  # the recipe's own strategy, on one device: what DeepSpeed's step costs
-        recipe = load_recipe(mae_recipe, {**overrides(args, work, best, mae=True, model_only=True),
-                                          "trainer.strategy": "deepspeed", "zero.stage": 2})
-        rows.append(("MAE ViT-L/16, model only, ZeRO-2", best, run_row(recipe, True, None)))
-    recipe = load_recipe(mae_recipe, overrides(args, work, best, mae=True, model_only=False))
-    rows.append(("MAE ViT-L/16, through the loader", best, run_row(recipe, False, None)))
-    recipe = load_recipe(deit_recipe, overrides(args, work, args.deit_batch, mae=False, model_only=True))
-    rows.append(("DeiT-B/16, model only", args.deit_batch, run_row(recipe, True, None)))
+        row("MAE ViT-L/16, model only, ZeRO-2", best,
+            load_recipe(mae_recipe, {**overrides(args, work, best, mae=True, model_only=True),
+                                     "trainer.strategy": "deepspeed", "zero.stage": 2}), True, profiled=True)
+    # repeats: an epoch longer than the row, so the loader's workers start once, as in a long run
+    repeats = math.ceil((args.steps + 2) * best / args.images) + 1
+    row("MAE ViT-L/16, through the loader", best,
+        load_recipe(mae_recipe, {**overrides(args, work, best, mae=True, model_only=False), "data.repeats": repeats}),
+        False)
+    row("DeiT-B/16, model only", args.deit_batch,
+        load_recipe(deit_recipe, overrides(args, work, args.deit_batch, mae=False, model_only=True)), True)
 
-    print(f"\nvitpipe GPU suite on {device}: bf16-mixed, "
-          f"strategy {args.strategy}, compile {not args.no_compile}, {args.steps} steps per row, figures over "
-          f"the logging windows after the first ({args.window} steps each)")
+    print(f"\n{title}")
     print("| row | batch | images/s | TFLOP/s | MFU | peak memory | data wait | wall |")
     print("|---|---|---|---|---|---|---|---|")
     for name, batch, r in rows:
-        print(f"| {name} | {batch} | {fmt(r.get('perf/images_per_s'), '.0f')} | "
-              f"{fmt(r.get('perf/tflops_per_device'), '.1f')} | {fmt(r.get('perf/mfu'), '.1f', 100, ' %')} | "
-              f"{fmt(r.get('peak_gib'), '.1f', unit=' GiB')} | {fmt(r.get('data_wait'), '.1f', 100, ' %')} | "
-              f"{r['wall_s']:.0f} s |")
-    for batch, profile in profiles.items():  # below ~95 % with no host wait: the GPU waits on the host's work
-        busy = profile.device_busy()
-        print(f"MAE ViT-L/16 model only, batch {batch}: the GPU was busy for "
-              f"{fmt(busy, '.1f', 100, ' %')} of the profiled step's host span")
-    print(f"\ntop operators of one step (after the measured ones), MAE ViT-L/16 model only, batch {best}:")
-    print(profiles[best].table(10))
-    print_waits(profiles[best])
+        print(row_line(name, batch, r))
+    for name, profile in profiles.items():  # below ~95 % with no host wait: the GPU waits on the host's work
+        print(f"{name}: the GPU was busy for {fmt(profile.device_busy(), '.1f', 100, ' %')} of the profiled "
+              f"step's host span")
+    best_name = f"MAE ViT-L/16, model only, batch {best}"
+    print(f"\ntop operators of one step (after the measured ones), {best_name}:")
+    print(profiles[best_name].table(10))
+    for name, profile in profiles.items():
+        if name.startswith("MAE ViT-L/16, model only, batch") and name != best_name:
+            continue
+        print(f"\n{name}: ", end="")
+        print_waits(profile)
 
 
 if __name__ == "__main__":

@@ -110,5 +110,5 @@ class StepProfile(L.Callback):
         """The top operators by self time on the device (on the CPU without a GPU)."""
         if self.events is None:
             return "(no step was profiled)"
-        key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         return self.events.key_averages().table(sort_by=key, row_limit=rows)
