@@ -14,9 +14,9 @@ DeepSpeed 0.19's ZeRO-1/2 optimizer spends some of it on two per-parameter loops
   parameter's data lies and re-points only when one moved (an offload and reload moves the buffer);
 - at the first gradient of every backward, its hook counts the parameters the backward will reach
   (``count_used_parameters_in_backward``): a view of each parameter, to find its gradient accumulator, and a
-  query of the autograd engine, about 40 us a parameter. ``UsedParameterCount`` keeps the accumulators it
-  found, as DDP's reducer does, and asks the engine about those: the same count while they are current, and
-  DeepSpeed's walk again when one is not.
+  query of the autograd engine, about 15 us a parameter on a 2-core CPU (6 ms for ViT-L).
+  ``UsedParameterCount`` keeps the accumulators it found, as DDP's reducer does, and asks the engine about
+  those: the same count while they are current, and DeepSpeed's walk again when one is not.
 """
 from __future__ import annotations
 
