@@ -2,9 +2,9 @@
 # The GPU efficiency suite (benchmarks/gpu_suite.py) as one prepared script for a GPU host.
 #   benchmarks/gpu_suite.sh [--wheels DIR] [--cpu-smoke] [other gpu_suite.py options]
 # --wheels DIR: install what the host's Python lacks of deepspeed, webdataset and mlflow from wheels in DIR,
-#   offline (pip --no-index), before running, and the project's versions of lightning and timm (pure Python)
-#   where the host's differ; torch must be there already. benchmarks/gpu_wheels.sh DIR writes DIR, on a machine
-#   that reaches PyPI.
+#   offline (pip --no-index), before running; torch, lightning and timm must be there already, and the host's
+#   lightning and timm are replaced by the project's versions (pure Python, from DIR) where they differ.
+#   benchmarks/gpu_wheels.sh DIR writes DIR, on a machine that reaches PyPI.
 # Runs with .venv/bin/python when the project's environment exists, else python3 (PYTHON overrides), with the
 # checkout on PYTHONPATH, so nothing else needs installing.
 set -euo pipefail
@@ -46,12 +46,14 @@ EOF
     "$python" -c "import deepspeed, mlflow, webdataset" || { echo "gpu_suite.sh: still not importable" >&2; exit 1; }
   fi
   # the versions the tests passed on, for the two libraries vitpipe reaches into (timm's layers, Lightning's loops)
-  for wheel in "$wheels"/lightning-[0-9]*.whl "$wheels"/timm-[0-9]*.whl; do
-    [ -f "$wheel" ] || continue
-    name=$(basename "$wheel" | cut -d- -f1) want=$(basename "$wheel" | cut -d- -f2)
+  # (only replaced: their dependencies are not in DIR, a host without them lacks those too)
+  for name in lightning timm; do
+    wheel=$(ls "$wheels/$name"-[0-9]*.whl 2>/dev/null | sort -V | tail -n 1 || true)
+    [ -n "$wheel" ] || continue
+    want=$(basename "$wheel" | cut -d- -f2)
     have=$("$python" -c "from importlib.metadata import version; print(version('$name'))" 2>/dev/null || true)
-    if [ "$have" != "$want" ]; then
-      echo "gpu_suite.sh: $name ${have:-missing} -> $want (from $wheels, without its dependencies)"
+    if [ -n "$have" ] && [ "$have" != "$want" ]; then
+      echo "gpu_suite.sh: $name $have -> $want (from $wheels, without its dependencies)"
       "$python" -m pip install -q --no-index --no-deps "$wheel"
     fi
   done

@@ -67,7 +67,8 @@ class UsedParameterCount:
     them. Holding them keeps them current: autograd makes a parameter a new one only when none is alive or its
     data changes dtype or device, and then the held one does not run, which sends the count back to the walk, as
     does a parameter the backward does not reach. A walk that finds a parameter frozen keeps nothing, so the
-    next backward walks too."""
+    next backward walks too. (A parameter frozen between a forward and its backward is still counted: its
+    gradient hook fires in that backward all the same.)"""
 
     def __init__(self, params: list[torch.nn.Parameter]):
         self.params = params
@@ -86,6 +87,9 @@ class UsedParameterCount:
         return sum(map(will_run, nodes))
 
 
+HOOK_RELEASES = ("0.19.",)  # DeepSpeed releases whose ZeRO-1/2 gradient hook ``gradient_hook`` repeats
+
+
 def gradient_hook(optimizer: Any, count: UsedParameterCount, param: torch.nn.Parameter, group_index: int,
                   *_: Any) -> None:
     """DeepSpeed's ZeRO-1/2 gradient hook (``create_gradient_handling_hooks``) with ``count`` for its walk: hand
@@ -100,9 +104,13 @@ def gradient_hook(optimizer: Any, count: UsedParameterCount, param: torch.nn.Par
 
 def replace_gradient_hooks(optimizer: Any) -> bool:
     """Swap the optimizer's gradient hooks for ``gradient_hook``s sharing one ``UsedParameterCount``; False
-    (nothing changed) when the optimizer has none, or not one per parameter requiring a gradient."""
+    (nothing changed) under another DeepSpeed release than ``HOOK_RELEASES``, or when the optimizer has no
+    hooks, or not one per parameter requiring a gradient."""
+    import deepspeed
     from deepspeed.utils.torch import register_grad_hook
 
+    if not deepspeed.__version__.startswith(HOOK_RELEASES):
+        return False
     owned = [(p, i) for i, group in enumerate(optimizer.bit16_groups) for p in group if p.requires_grad]
     handles = getattr(optimizer, "_grad_acc_hooks", [])
     if not handles or len(handles) != len(owned) or not hasattr(optimizer, "should_refresh_expected_hook_count"):
