@@ -250,8 +250,9 @@ class EngineReport(L.Callback):
                 master = opt.single_partition_of_fp32_groups
             moments = sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel()
                           for s in opt.optimizer.state.values() if "exp_avg" in s)
-            report.update(stage=stage, throughput_timer=engine.tput_timer.config.enabled, total=sum(getattr(p, "ds_numel", p.numel()) for p in params),
-                          local_weights=local, local_master=sum(t.numel() for t in master), local_moments=moments,
+            report.update(stage=stage, throughput_timer=engine.tput_timer.config.enabled,
+                          total=sum(getattr(p, "ds_numel", p.numel()) for p in params), local_weights=local,
+                          local_master=sum(t.numel() for t in master), local_moments=moments,
                           zero_host={"get_grad_norm_direct", "_update_model_bit16_weights"} <= vars(opt).keys(),
                           zero_hooks=all(getattr(hook, "func", None) is zero_host.gradient_hook
                                          for p in params if p.requires_grad

@@ -132,9 +132,9 @@ class RunReader:
 
 
 class ShardStream(IterableDataset):
-    """Yields whole batches {"image" uint8 [b,3,H,W] ([b,3,0,0] when all travel encoded), "erase" b x 5 ints, "label" [b], "key" list[str], "skipped" int,
-    "bad" list of (key, reason)} (see ``_collate``): b is the batch size less the bad samples, which are named
-    in "bad" and counted in "skipped".
+    """Yields whole batches {"image" uint8 [b,3,H,W] ([b,3,0,0] when all travel encoded), "erase" b x 5 ints,
+    "label" [b], "key" list[str], "skipped" int, "bad" list of (key, reason)} (see ``_collate``): b is the batch
+    size less the bad samples, which are named in "bad" and counted in "skipped".
 
     ``labelled``: the task learns from labels, so a sample without a usable one (``.cls`` missing, not an
     integer, or outside [0, ``num_classes``) when that is given) is bad. Otherwise labels are passed along
@@ -239,8 +239,9 @@ class ShardStream(IterableDataset):
         """{"image": uint8 [b, 3, H, W], "erase": b random-erasing boxes (5 ints each), "label" [b], ...}: the
         training process standardises on its device (``ShardDataModule.on_after_batch_transfer``). With device
         decode, also "encoded" (a JPEG's bytes, or None where the image is already decoded), "box" (b crop boxes
-        of 4 ints), "flip" (b bools); "image" is then [b, 3, 0, 0] when every sample travels encoded. The per-sample parameters are lists: they stay on the host when the batch
-        moves to the device, where reading them would stop the host every step."""
+        of 4 ints), "flip" (b bools); "image" is then [b, 3, 0, 0] when every sample travels encoded. The
+        per-sample parameters are lists: they stay on the host when the batch moves to the device, where reading
+        them would stop the host every step."""
         good = [(key, item) for key, item in batch if not isinstance(item, str)]
         bad = [(key, item) for key, item in batch if isinstance(item, str)]
         h, w = self.cfg.transform.image_size
